@@ -1,0 +1,36 @@
+"""Kernel renderers, one module per template family; importing registers their search spaces."""
+
+from __future__ import annotations
+
+from dsl.errors import CodegenError
+
+from . import gemm, pointwise, reduction
+from .common import Rendered
+
+RENDERERS = {
+    "gemm": gemm.render_gemm,
+    "pointwise": pointwise.render_pointwise,
+    "reduction": reduction.render_reduction,
+}
+# How the runtime calls a rendered module: invoke(module, rendered, inputs, outputs, env, config),
+# and the problem sizes that key its tuning records: problem(rendered, env) -> {name: int}.
+INVOKERS = {"gemm": gemm.invoke, "pointwise": pointwise.invoke, "reduction": reduction.invoke}
+PROBLEMS = {"gemm": gemm.problem, "pointwise": pointwise.problem, "reduction": reduction.problem}
+
+
+def register_renderer(template: str, render, invoke, problem) -> None:
+    """Later template families (grouped GEMM, attention, quantized GEMM) plug in here."""
+    RENDERERS[template] = render
+    INVOKERS[template] = invoke
+    PROBLEMS[template] = problem
+
+
+def render_group(graph, group, op_name: str) -> Rendered:
+    try:
+        fn = RENDERERS[group.template]
+    except KeyError:
+        raise CodegenError(f"no renderer for template '{group.template}' (kernel {group.name})") from None
+    return fn(graph, group, op_name)
+
+
+__all__ = ["INVOKERS", "PROBLEMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]

@@ -1,0 +1,88 @@
+"""The tiled GEMM template with a fused elementwise epilogue."""
+
+from __future__ import annotations
+
+from autotune.space import SearchSpace, register_space
+from dsl import dtypes as dt
+from dsl.graph import Graph, Ref
+
+from ..partition import KernelGroup
+from ..render import Code, render
+from .common import Rendered, node_list, operand, print_body
+
+
+def _smem(config, shape, elem_bytes):
+    # Software pipelining keeps num_stages tiles of A and B in shared memory.
+    tile = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * elem_bytes
+    return tile * max(1, config["num_stages"] - 1) if config["num_stages"] > 1 else tile
+
+
+def _fits_problem(config, shape, device):
+    # Tiles far larger than the problem only waste work; keep at most one padded power of two.
+    m, n = shape.get("M", 1 << 30), shape.get("N", 1 << 30)
+    return config["BLOCK_M"] <= max(16, 2 * m) and config["BLOCK_N"] <= max(16, 2 * n)
+
+
+def _smem_ok(config, shape, device):
+    return device.vendor == "cpu" or _smem(config, shape, 2) <= device.smem_per_block
+
+
+def _regs_ok(config, shape, device):
+    # fp32 accumulator registers per thread must leave room for operands (255 max on NVIDIA).
+    if device.vendor == "cpu":
+        return True
+    threads = 32 * config["num_warps"] if device.vendor == "nvidia" else 64 * config["num_warps"]
+    return config["BLOCK_M"] * config["BLOCK_N"] / threads <= 128
+
+
+SPACE = register_space(SearchSpace(
+    template="gemm",
+    params={"BLOCK_M": (16, 32, 64, 128, 256), "BLOCK_N": (16, 32, 64, 128, 256),
+            "BLOCK_K": (16, 32, 64, 128), "GROUP_M": (1, 4, 8),
+            "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4, 5)},
+    default={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    constraints=(("tile_fits_problem", _fits_problem), ("shared_memory", _smem_ok),
+                 ("registers", _regs_ok)),
+    smem_bytes=_smem,
+))
+
+
+def render_gemm(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
+    anchor = graph.node(group.anchor)
+    a_ref, b_ref = anchor.inputs
+    dtype = anchor.type.dtype
+    # Operands the epilogue reads (a or b may also be read there, e.g. x @ w + x).
+    epi_inputs = []
+    for n in group.epilogue:
+        for r in graph.node(n).inputs:
+            if r != Ref(anchor.id) and graph.node(r.node).op != "const" and r not in epi_inputs \
+                    and graph.node(r.node).id not in group.epilogue:
+                epi_inputs.append(r)
+    names = {Ref(anchor.id): "acc"}
+    inputs = []
+    for i, ref in enumerate(epi_inputs):
+        inputs.append(operand(f"in{i}", f"e{i}", graph.type_of(ref).dtype, ""))
+        names[ref] = f"e{i}"
+    printer = print_body(graph, group.epilogue, names)
+    outputs = [operand(f"out{i}", printer.names[ref], graph.type_of(ref).dtype, "")
+               for i, ref in enumerate(group.outputs)]
+    precision = "ieee" if dtype in (dt.f32, dt.f64) else "tf32"
+    source = render("gemm.j2", kernel=group.name, op_name=op_name, anchor=Code(f"%{anchor.id} matmul"),
+                    node_list=node_list(graph, group.epilogue), inputs=inputs, outputs=outputs,
+                    body=printer.code(4), precision=precision)
+    return Rendered(group.name, "gemm", source, [a_ref, b_ref] + epi_inputs, list(group.outputs),
+                    {"shape": anchor.type.shape, "k": graph.type_of(a_ref).shape[-1]})
+
+
+def problem(rendered: Rendered, env) -> dict:
+    from dsl import shapes as sh
+
+    shape = [sh.evaluate(d, env) for d in rendered.meta["shape"]]
+    batch = 1
+    for d in shape[:-2]:
+        batch *= d
+    return {"B": batch, "M": shape[-2], "N": shape[-1], "K": sh.evaluate(rendered.meta["k"], env)}
+
+
+def invoke(module, rendered: Rendered, ins, outs, env, config):
+    module.launch(ins[0], ins[1], ins[2:], outs, config)
