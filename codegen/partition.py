@@ -105,31 +105,36 @@ def partition(graph: Graph) -> list[Step]:
         grow_epilogue(g, node)
 
     # 3. pointwise groups
-    def reaches_outside(group: KernelGroup, target: int) -> bool:
-        """Is ``target`` reachable from the group through a node outside it?"""
-        members = set(group.nodes)
-        for m in members:
-            for succ in graph.nx.successors(m):
-                if succ in members:
-                    continue
-                if succ == target or target in nx.descendants(graph.nx, succ):
-                    return True
-        return False
+    def creates_cycle(group: KernelGroup, nid: int) -> bool:
+        """Would adding node ``nid`` to ``group`` make the kernel-level graph cyclic?"""
+        def key(n):
+            if n == nid:
+                return group.name
+            g = owner.get(n)
+            return g.name if g is not None else n
+        quotient = nx.DiGraph()
+        quotient.add_edges_from((key(u), key(v)) for u, v in graph.nx.edges if key(u) != key(v))
+        return not nx.is_directed_acyclic_graph(quotient)
 
+    pointwise: list[KernelGroup] = []
     for node in order:
         if node.id in owner or get(node.op).kind != ELEMENTWISE:
             continue
+        # Prefer a producer's group (vertical fusion), else any group of the same shape
+        # (horizontal fusion: independent work over one shape shares a launch).
+        producers = [owner.get(r.node) for r in node.inputs]
+        candidates = [g for g in producers if g is not None and g.template == "pointwise"]
+        candidates += [g for g in reversed(pointwise) if g not in candidates]
         placed = None
-        for ref in node.inputs:
-            cand = owner.get(ref.node)
-            if (cand is not None and cand.template == "pointwise"
-                    and tuple(graph.node(cand.nodes[0]).type.shape) == tuple(node.type.shape)
-                    and not reaches_outside(cand, node.id)):
+        for cand in candidates:
+            if (tuple(graph.node(cand.nodes[0]).type.shape) == tuple(node.type.shape)
+                    and not creates_cycle(cand, node.id)):
                 placed = cand
                 break
         if placed is None:
             placed = KernelGroup(f"k{len(groups)}_pointwise", "pointwise", [])
             groups.append(placed)
+            pointwise.append(placed)
         placed.nodes.append(node.id)
         owner[node.id] = placed
 

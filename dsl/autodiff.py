@@ -8,6 +8,9 @@ backward graph is an ordinary graph that compiles like any other (and fuses free
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from . import primitives as P
 from .errors import DSLError
 from .graph import Graph, Ref, TensorType
@@ -72,8 +75,7 @@ def grad(graph: Graph) -> Graph:
                   for i, c in enumerate(out_cts)]
         ins = [vals[r] for r in node.inputs]
         outs = [vals[Ref(node.id, i)] for i in range(len(node.types))]
-        attrs = {k: v for k, v in node.attrs}
-        grads = prim.vjp(ins, outs, filled, **attrs)
+        grads = prim.vjp(ins, outs, filled, **_accepted(prim.vjp, node.attr))
         for r, g in zip(node.inputs, grads):
             if g is not None and graph.type_of(r).dtype.is_float:
                 if tuple(g.shape) != tuple(graph.type_of(r).shape):
@@ -93,6 +95,19 @@ def grad(graph: Graph) -> Graph:
         outputs.append(g.ref)
     bwd.outputs = outputs
     return passes.optimize(bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _params(fn) -> tuple[bool, frozenset]:
+    sig = inspect.signature(fn)
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return var_kw, frozenset(sig.parameters)
+
+
+def _accepted(fn, attrs: dict) -> dict:
+    """The attributes a VJP rule asks for (rules that need none may omit them)."""
+    var_kw, names = _params(fn)
+    return dict(attrs) if var_kw else {k: v for k, v in attrs.items() if k in names}
 
 
 def _zeros_like(v: Value) -> Value:

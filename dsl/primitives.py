@@ -18,11 +18,17 @@ from . import shapes as sh
 from .errors import DSLError
 from .graph import Graph, TensorType
 from .registry import (ANCHOR, ELEMENTWISE, EXTERN, REDUCTION, ROWWISE, SOURCE, VIEW, Primitive,
-                       ShapeError, broadcast_shapes, emit, norm_axis, register, same_dtype, unify_dim)
+                       ShapeError, broadcast_shapes, emit, norm_axis, register, same_dtype, unify_dim,
+                       user_line)
 from .value import Value
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _fail(graph: Graph, op: str, message: str):
+    """A DSLError for a node about to be created: names the op, the node and the user's line."""
+    raise DSLError(message, op=graph.name, node=f"%{graph._next} ({op})", line=user_line())
 
 
 def _graph_of(*args) -> Graph:
@@ -38,33 +44,33 @@ def const(graph: Graph, value, dtype: dt.DType) -> Value:
         pass
     elif not dtype.is_float and dtype is not dt.bool_:
         if isinstance(value, float) and not float(value).is_integer():
-            raise DSLError(f"the float constant {value} cannot combine with an {dtype.name} tensor; "
-                           "use dsl.cast first", op=graph.name)
+            _fail(graph, "const", f"the float constant {value} cannot combine with an {dtype.name} tensor; "
+                           "use dsl.cast first")
         value = int(value)
     else:
         value = float(value)
     return emit(graph, "const", [], {"value": value, "dtype": dtype})
 
 
-def _as_values(*args):
+def _as_values(*args, op="operand"):
     graph = _graph_of(*args)
     dtype = next(a.dtype for a in args if isinstance(a, Value))
     out = []
     for a in args:
         if isinstance(a, Value):
             if a.graph is not graph:
-                raise DSLError("operands come from different traced ops", op=graph.name)
+                _fail(graph, op, "operands come from different traced ops")
             out.append(a)
         elif isinstance(a, (bool, int, float)):
             out.append(const(graph, a, dtype))
         else:
-            raise DSLError(f"unsupported operand of type {type(a).__name__}; expected a dsl tensor or "
-                           "a Python number", op=graph.name)
+            _fail(graph, op, f"unsupported operand of type {type(a).__name__}; expected a dsl tensor or "
+                           "a Python number")
     return graph, out
 
 
 def _emit(op, args, **attrs):
-    graph, vals = _as_values(*args)
+    graph, vals = _as_values(*args, op=op)
     return emit(graph, op, [v.ref for v in vals], attrs)
 
 
@@ -555,9 +561,9 @@ def where(cond, a, b):
     graph = _graph_of(cond, a, b)
     ref = a if isinstance(a, Value) else b if isinstance(b, Value) else None
     if not isinstance(cond, Value):
-        raise DSLError("where's condition must be a traced bool tensor", op=graph.name)
+        _fail(graph, "where", "where's condition must be a traced bool tensor")
     if ref is None:
-        raise DSLError("where needs a traced tensor for a or b to take its dtype", op=graph.name)
+        _fail(graph, "where", "where needs a traced tensor for a or b to take its dtype")
     a = a if isinstance(a, Value) else const(graph, a, ref.dtype)
     b = b if isinstance(b, Value) else const(graph, b, ref.dtype)
     return emit(graph, "where", [cond.ref, a.ref, b.ref])
@@ -568,7 +574,7 @@ def _reduce(kind, x, axis, keepdim):
     try:
         ax = norm_axis(axis, x.ndim)
     except ShapeError as exc:
-        raise DSLError(f"{kind}: {exc}", op=graph.name) from None
+        _fail(graph, kind, str(exc))
     out = emit(graph, kind, [x.ref], {"axis": ax, "_kind": kind})
     if keepdim:
         out = reshape(out, tuple(x.shape[:ax]) + (1,) + tuple(x.shape[ax + 1:]))
@@ -585,7 +591,7 @@ def softmax(x, axis=-1):
     try:
         ax = norm_axis(axis, x.ndim)
     except ShapeError as exc:
-        raise DSLError(f"softmax: {exc}", op=graph.name) from None
+        _fail(graph, "softmax", str(exc))
     return emit(graph, "softmax", [x.ref], {"axis": ax})
 
 
@@ -609,7 +615,7 @@ def transpose(x, a=-2, b=-1):
     try:
         a, b = norm_axis(a, x.ndim), norm_axis(b, x.ndim)
     except ShapeError as exc:
-        raise DSLError(f"transpose: {exc}", op=graph.name) from None
+        _fail(graph, "transpose", str(exc))
     if a == b:
         return x
     a, b = builtins.min(a, b), builtins.max(a, b)
@@ -643,7 +649,7 @@ register(Primitive("dim", SOURCE, lambda types, a: TensorType((), a["dtype"]),
 def matmul(a, b):
     graph = _graph_of(a, b)
     if not (isinstance(a, Value) and isinstance(b, Value)):
-        raise DSLError("matmul needs two traced tensors", op=graph.name)
+        _fail(graph, "matmul", "matmul needs two traced tensors")
     return emit(graph, "matmul", [a.ref, b.ref])
 
 
@@ -658,11 +664,11 @@ def _slice_value(x, start, stop, step=1):
     elif stop is None:
         if start == 0 and step == 1:
             return x
-        raise DSLError(f"slicing a symbolic dim ({last}) needs an explicit stop", op=graph.name)
+        _fail(graph, "slice", f"slicing a symbolic dim ({last}) needs an explicit stop")
     elif start < 0 or stop < 0:
-        raise DSLError(f"negative slice bounds on a symbolic dim ({last}) are not supported", op=graph.name)
+        _fail(graph, "slice", f"negative slice bounds on a symbolic dim ({last}) are not supported")
     if step <= 0:
-        raise DSLError("slice step must be positive", op=graph.name)
+        _fail(graph, "slice", "slice step must be positive")
     if isinstance(last, int) and start == 0 and stop >= last and step == 1:
         return x
     return emit(graph, "slice", [x.ref], {"start": int(start), "stop": int(stop), "step": int(step)})
@@ -677,16 +683,16 @@ def getitem(x, index):
         fill = x.ndim - (len(index) - 1)
         index = index[:pos] + (slice(None),) * fill + index[pos + 1:]
     if len(index) > x.ndim:
-        raise DSLError(f"too many indices for a tensor of rank {x.ndim}", op=graph.name)
+        _fail(graph, "slice", f"too many indices for a tensor of rank {x.ndim}")
     index = index + (slice(None),) * (x.ndim - len(index))
     for i, idx in enumerate(index[:-1]):
         if idx != slice(None):
-            raise DSLError("only slicing on the last axis is supported (x[..., a:b]); "
-                           f"got {idx!r} at axis {i}", op=graph.name)
+            _fail(graph, "slice", "only slicing on the last axis is supported (x[..., a:b]); "
+                           f"got {idx!r} at axis {i}")
     last = index[-1]
     if not isinstance(last, slice):
-        raise DSLError(f"index the last axis with a slice a:b, not {last!r}", op=graph.name)
+        _fail(graph, "slice", f"index the last axis with a slice a:b, not {last!r}")
     for v in (last.start, last.stop, last.step):
         if v is not None and not isinstance(v, int):
-            raise DSLError(f"slice bounds must be Python ints, got {v!r}", op=graph.name)
+            _fail(graph, "slice", f"slice bounds must be Python ints, got {v!r}")
     return _slice_value(x, last.start, last.stop, last.step)

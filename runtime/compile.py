@@ -3,17 +3,16 @@ op backed by generated Triton kernels (or by the reference semantics on the torc
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import hashlib
-import inspect
 import itertools
 import os
 import threading
-import typing
 
 import torch
 
 from dsl import autodiff
+from dsl import shapes as sh
 from dsl.errors import DSLError, KdslError
 from dsl.graph import Graph
 from dsl.reference import run as run_reference
@@ -123,7 +122,8 @@ class CompiledOp:
         self.overrides = dict(configs or {})
         self._variants: dict[tuple, _Variant] = {}
         self._resolver = None
-        self._uid = next(_counter)
+        self.key = f"{op.name}#{next(_counter)}"
+        _REGISTRY[self.key] = self
 
     def __repr__(self) -> str:
         return f"<CompiledOp {self.name} backend={self.backend}>"
@@ -148,105 +148,24 @@ class CompiledOp:
         return self.resolver.resolve(kernel, problem)[0]
 
     # -- variants -------------------------------------------------------------------------------
-    def _variant(self, args, kwargs) -> tuple[_Variant, list[torch.Tensor]]:
-        graph, tensors, _env = self.op.bind(args, kwargs)
-        statics = self.op.check_statics(kwargs)
-        key = (id(graph),)
+    def variant(self, tensors, statics: dict) -> _Variant:
+        """The trace for these input dtypes and static attributes (validated, cached)."""
+        graph, tensors, _env = self.op.bind(tensors, statics)
+        full = self.op.check_statics(statics)
+        key = id(graph)
         with _lock:
-            variant = self._variants.get(key)
-            if variant is None:
-                variant = _Variant(self, graph, statics)
-                variant.custom_op = self._register(variant)
-                self._variants[key] = variant
-        return variant, tensors
-
-    def _register(self, variant: _Variant):
-        graph = variant.graph
-        digest = hashlib.sha256(str(graph).encode()).hexdigest()[:10]
-        qualname = f"kdsl::{self.name}_{digest}_{self._uid}"
-        names = [graph.node(n).attr["name"] for n in graph.inputs]
-        n_out = len(graph.outputs)
-        out_types = graph.output_types()
-
-        def impl(*tensors):
-            outs = variant.execute(list(tensors))
-            return outs[0] if n_out == 1 else tuple(outs)
-
-        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor)
-                  for n in names]
-        ret = torch.Tensor if n_out == 1 else typing.Tuple[tuple([torch.Tensor] * n_out)]
-        impl.__signature__ = inspect.Signature(params, return_annotation=ret)
-        custom = torch.library.custom_op(qualname, impl, mutates_args=())
-
-        def fake(*tensors):
-            env = bind_shapes(graph, tensors, self.name)
-            from dsl import shapes as sh
-
-            outs = [tensors[0].new_empty(tuple(sh.evaluate(d, env) for d in t.shape), dtype=t.dtype.torch)
-                    for t in out_types]
-            return outs[0] if n_out == 1 else tuple(outs)
-
-        custom.register_fake(fake)
-        diff = autodiff.differentiable_inputs(graph)
-        if not diff:
-            return custom
-        bwd_op = None
-
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
-
-        def backward(ctx, *grads):
-            nonlocal bwd_op
-            inputs = ctx.saved_tensors
-            if bwd_op is None:
-                bwd_op = self._register_backward(variant)
-            cts = [g if g is not None else torch.zeros(o.shape if hasattr(o, "shape") else (), dtype=o.dtype,
-                                                       device=inputs[0].device)
-                   for g, o in zip(grads, _output_templates(inputs, graph, self.name))]
-            res = bwd_op(*inputs, *[c.contiguous() for c in cts])
-            res = (res,) if isinstance(res, torch.Tensor) else tuple(res)
-            out = [None] * len(inputs)
-            for pos, g in zip(diff, res):
-                out[pos] = g
-            return tuple(out)
-
-        custom.register_autograd(backward, setup_context=setup_context)
-        return custom
-
-    def _register_backward(self, variant: _Variant):
-        bwd = variant.backward
-        graph = bwd.graph
-        digest = hashlib.sha256(str(graph).encode()).hexdigest()[:10]
-        qualname = f"kdsl::{self.name}_bwd_{digest}_{self._uid}"
-        n_out = len(graph.outputs)
-        names = [graph.node(n).attr["name"] for n in graph.inputs]
-        out_types = graph.output_types()
-
-        def impl(*tensors):
-            outs = bwd.execute(list(tensors))
-            return outs[0] if n_out == 1 else tuple(outs)
-
-        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor)
-                  for n in names]
-        ret = torch.Tensor if n_out == 1 else typing.Tuple[tuple([torch.Tensor] * n_out)]
-        impl.__signature__ = inspect.Signature(params, return_annotation=ret)
-        custom = torch.library.custom_op(qualname, impl, mutates_args=())
-
-        def fake(*tensors):
-            env = bind_shapes(graph, tensors, self.name)
-            from dsl import shapes as sh
-
-            outs = [tensors[0].new_empty(tuple(sh.evaluate(d, env) for d in t.shape), dtype=t.dtype.torch)
-                    for t in out_types]
-            return outs[0] if n_out == 1 else tuple(outs)
-
-        custom.register_fake(fake)
-        return custom
+            v = self._variants.get(key)
+            if v is None:
+                v = self._variants[key] = _Variant(self, graph, full)
+        return v
 
     # -- calling ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        variant, tensors = self._variant(args, kwargs)
-        return variant.custom_op(*tensors)
+        # Only this thin layer is traced by torch.compile: the op is named by a string and the
+        # static attributes travel as text, so dynamo sees one custom op and never the binding code.
+        statics = _SEP.join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+        outs = torch.ops.kdsl.call(self.key, statics, list(args))
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def reference(self, *args, **kwargs):
         """The graph's reference semantics (the oracle), whatever the backend."""
@@ -264,12 +183,12 @@ class CompiledOp:
         return TritonProgram(self.op.graph, self.name).infos
 
     def kernels_for(self, *args, **kwargs) -> list[KernelInfo]:
-        variant, _ = self._variant(args, kwargs)
-        return variant.program.infos
+        return self.variant(args, kwargs).program.infos
 
     def explain(self, *args, **kwargs) -> Explanation:
         """Per kernel: the problem sizes, the config that will be used and where it came from."""
-        variant, tensors = self._variant(args, kwargs)
+        variant = self.variant(args, kwargs)
+        tensors = list(args)
         rows = Explanation()
         if self.backend_for(tensors) == "torch":
             return rows
@@ -282,12 +201,79 @@ class CompiledOp:
         return rows
 
 
-def _output_templates(inputs, graph: Graph, name: str):
-    from dsl import shapes as sh
+# -- the one custom op every CompiledOp dispatches through -------------------------------------
 
-    env = bind_shapes(graph, inputs, name)
-    return [torch.empty(tuple(sh.evaluate(d, env) for d in t.shape), dtype=t.dtype.torch, device="meta")
+_SEP = "\x1f"   # separates static attributes in the text key; repr() never emits it raw
+_REGISTRY: dict[str, CompiledOp] = {}
+
+
+def _lookup(key: str, statics_text: str) -> tuple[CompiledOp, dict]:
+    compiled = _REGISTRY.get(key)
+    if compiled is None:
+        raise KdslError(f"no compiled op '{key}' in this process")
+    statics = {}
+    if statics_text:
+        for item in statics_text.split(_SEP):
+            name, _, value = item.partition("=")
+            statics[name] = ast.literal_eval(value)
+    return compiled, statics
+
+
+def _empty_outputs(graph: Graph, tensors, name: str):
+    env = bind_shapes(graph, tensors, name)
+    like = tensors[0]
+    return [like.new_empty(tuple(sh.evaluate(d, env) for d in t.shape), dtype=t.dtype.torch)
             for t in graph.output_types()]
+
+
+@torch.library.custom_op("kdsl::call", mutates_args=())
+def _call(op: str, statics: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    compiled, kw = _lookup(op, statics)
+    return compiled.variant(inputs, kw).execute(list(inputs))
+
+
+@_call.register_fake
+def _call_fake(op, statics, inputs):
+    compiled, kw = _lookup(op, statics)
+    return _empty_outputs(compiled.variant(inputs, kw).graph, inputs, compiled.name)
+
+
+@torch.library.custom_op("kdsl::call_backward", mutates_args=())
+def _call_backward(op: str, statics: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    compiled, kw = _lookup(op, statics)
+    n = len(compiled.op.params)
+    return compiled.variant(inputs[:n], kw).backward.execute(list(inputs))
+
+
+@_call_backward.register_fake
+def _call_backward_fake(op, statics, inputs):
+    compiled, kw = _lookup(op, statics)
+    n = len(compiled.op.params)
+    bwd = compiled.variant(inputs[:n], kw).backward
+    return _empty_outputs(bwd.graph, inputs, compiled.name)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.op_key, ctx.statics = inputs[0], inputs[1]
+    ctx.save_for_backward(*inputs[2])
+
+
+def _backward(ctx, grads):
+    compiled, kw = _lookup(ctx.op_key, ctx.statics)
+    tensors = list(ctx.saved_tensors)
+    variant = compiled.variant(tensors, kw)
+    diff = autodiff.differentiable_inputs(variant.graph)
+    result: list = [None] * len(tensors)
+    if not diff:
+        return None, None, result
+    outs = _empty_outputs(variant.graph, tensors, compiled.name)
+    cts = [g.contiguous() if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs)]
+    for pos, g in zip(diff, torch.ops.kdsl.call_backward(ctx.op_key, ctx.statics, tensors + cts)):
+        result[pos] = g
+    return None, None, result
+
+
+_call.register_autograd(_backward, setup_context=_setup_context)
 
 
 def compile(op: Op, backend: str = "auto", db=None, configs: dict | None = None) -> CompiledOp:  # noqa: A001

@@ -1,0 +1,28 @@
+"""Test-wide setup: the Triton interpreter on CPU-only machines and throwaway caches/databases."""
+
+import os
+import tempfile
+
+# Triton reads this at import time; set it before anything imports triton.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
+_session_dir = tempfile.mkdtemp(prefix="kdsl-tests-")
+os.environ.setdefault("KDSL_CACHE_DIR", os.path.join(_session_dir, "cache"))
+os.environ.setdefault("KDSL_DB", "sqlite:///" + os.path.join(_session_dir, "tuning.sqlite"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
