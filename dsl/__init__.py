@@ -1,21 +1,28 @@
 """kdsl's op language: declare ops with ``@dsl.op`` over ``dsl.Tensor[...]`` annotations; tracing
-turns them into a typed graph IR (see DESIGN.md)."""
+turns them into a typed graph IR (see DESIGN.md).
 
-from . import primitives as _primitives  # registers the dense primitives
-from .autodiff import grad
-from .dtypes import bf16, bool_, f8e4m3, f16, f32, f64, i8, i32, i64, DType
-from .errors import (CodegenError, DatabaseError, DSLError, KdslError, ServingError, TrainingError,
+The names load on first use (they need torch), so importing ``dsl.errors`` stays light: the CLI
+answers ``--help`` and argument errors without importing torch.
+"""
+
+import importlib as _importlib
+import importlib.util  # noqa: F401  (find_spec)
+
+from .errors import (CodegenError, DatabaseError, DSLError, KdslError, ServingError, TrainingError,  # noqa: F401
                      TuningError)
-from .graph import Graph, Node, Ref, TensorType
-from .passes import cse, dce, fold_constants, optimize, verify
-from .primitives import (abs, add, cast, clamp, div, equal, erf, exp, expand, gelu, greater,
-                         greater_equal, less, less_equal, log, matmul, max, maximum, mean, minimum,
-                         mul, neg, not_equal, pow, relu, reshape, rmsnorm, rsqrt, sigmoid, silu,
-                         softmax, sqrt, sub, sum, tanh, transpose, where)
-from .registry import Primitive, register as register_primitive, emit
-from .trace import Op, Tensor, TensorSpec, op
-from .value import Value
 
-bool = bool_  # noqa: A001 - the DSL spells it dsl.bool
 
-__all__ = [n for n in dir() if not n.startswith("_")]
+def __getattr__(name):
+    if _importlib.util.find_spec(f"dsl.{name}") is not None:  # a submodule (``from . import x``)
+        return _importlib.import_module(f"dsl.{name}")
+    api = _importlib.import_module("dsl.api")
+    try:
+        value = getattr(api, name)
+    except AttributeError:
+        raise AttributeError(f"module 'dsl' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_importlib.import_module("dsl.api").__all__))

@@ -29,9 +29,13 @@ def eval_node(node, args, env):
 
 
 def run(graph: Graph, tensors, env: dict[str, int]):
-    values: dict[Ref, object] = {}
-    for nid, t in zip(graph.inputs, tensors):
-        values[Ref(nid, 0)] = t
+    values = run_all(graph, tensors, env)
+    return [values[r] for r in graph.outputs]
+
+
+def run_all(graph: Graph, tensors, env: dict[str, int]) -> dict[Ref, object]:
+    """Every value of the graph (for checking one kernel of a partition in isolation)."""
+    values: dict[Ref, object] = {Ref(nid, 0): t for nid, t in zip(graph.inputs, tensors)}
     device = tensors[0].device if tensors else None
     for node in graph.topo():
         if node.op == "input":
@@ -41,4 +45,4 @@ def run(graph: Graph, tensors, env: dict[str, int]):
             if device is not None and o.device != device and o.dim() == 0:
                 o = o.to(device)
             values[Ref(node.id, i)] = o
-    return [values[r] for r in graph.outputs]
+    return values

@@ -1,6 +1,25 @@
-"""kdsl's runtime: compile dsl ops into PyTorch ops, and the MoE stacks built from them."""
+"""kdsl's runtime: compile dsl ops into PyTorch ops, and the MoE stacks built from them.
 
-import codegen as _codegen  # noqa: F401  (chooses the Triton interpreter on CPU-only machines)
-from .compile import CompiledOp, compile  # noqa: A004
+Attributes load on first use, so `kdsl --help` and other light commands do not import torch.
+"""
 
-__all__ = ["CompiledOp", "compile"]
+import importlib
+
+import codegen as _codegen  # noqa: F401  (chooses the Triton interpreter on machines without a GPU)
+
+_LAZY = {"compile": ("runtime.compile", "compile"), "CompiledOp": ("runtime.compile", "CompiledOp")}
+_SUBMODULES = {"ops", "nn", "model", "train", "serve", "parallel", "quantize", "hf", "demo", "executor",
+               "configs"}
+
+__all__ = ["CompiledOp", "compile", *sorted(_SUBMODULES)]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"runtime.{name}")
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

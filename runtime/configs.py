@@ -1,31 +1,39 @@
-"""Choosing each kernel's launch config at run time (the lookup chain of DESIGN.md)."""
+"""Choosing each kernel's launch config at run time: explicit overrides, then the lookup chain of
+DESIGN.md (measured -> nearest shape -> shipped -> predicted -> template default), answered from
+memory after the first call."""
 
 from __future__ import annotations
 
-from autotune.space import get_space
+import inspect
+
+from codegen import kernels as K
 
 
-class DefaultResolver:
-    """Explicit overrides, else the template default."""
+class CompiledOpResolver:
+    """Adapts autotune's ConfigResolver to the kernels of one CompiledOp."""
 
-    def __init__(self, overrides: dict):
-        self.overrides = overrides
-        self._cache: dict[tuple, tuple] = {}
+    def __init__(self, compiled):
+        from autotune.lookup import ConfigResolver
+
+        self.overrides = compiled.overrides
+        self.chain = ConfigResolver(compiled.db)
+        self.op_name = compiled.op.name
+        try:
+            self.op_file = inspect.getsourcefile(compiled.op.fn)
+        except TypeError:
+            self.op_file = None
 
     def resolve(self, kernel, problem: dict):
-        key = (kernel.source_hash, tuple(sorted(problem.items())))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        space = get_space(kernel.template)
         override = self.overrides.get(kernel.name) or self.overrides.get(kernel.template)
-        if override is not None:
-            result = (space.validate(override, where=f"config override for {kernel.name}"), "override", "")
-        else:
-            result = (dict(space.default), "default", "")
-        self._cache[key] = result
-        return result
+        if override is None and not all(problem.values()):
+            # An empty problem launches nothing: there is no config to tune or look up.
+            from autotune.space import get_space
+
+            return dict(get_space(kernel.template).default), "default", "empty problem, nothing to launch"
+        return tuple(self.chain.resolve(kernel.template, kernel.source_hash, problem,
+                                        token_dim=K.TOKEN_DIMS.get(kernel.template, "M"),
+                                        op_file=self.op_file, op_name=self.op_name, override=override))
 
 
-def resolver_for(compiled):
-    return DefaultResolver(compiled.overrides)
+def resolver_for(compiled) -> CompiledOpResolver:
+    return CompiledOpResolver(compiled)

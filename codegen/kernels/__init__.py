@@ -16,13 +16,16 @@ RENDERERS = {
 # and the problem sizes that key its tuning records: problem(rendered, env) -> {name: int}.
 INVOKERS = {"gemm": gemm.invoke, "pointwise": pointwise.invoke, "reduction": reduction.invoke}
 PROBLEMS = {"gemm": gemm.problem, "pointwise": pointwise.problem, "reduction": reduction.problem}
+# The problem dim that grows with the token count: the nearest-shape lookup may only move along it.
+TOKEN_DIMS = {"gemm": "M", "pointwise": "numel", "reduction": "R"}
 
 
-def register_renderer(template: str, render, invoke, problem) -> None:
+def register_renderer(template: str, render, invoke, problem, token_dim: str = "M") -> None:
     """Later template families (grouped GEMM, attention, quantized GEMM) plug in here."""
     RENDERERS[template] = render
     INVOKERS[template] = invoke
     PROBLEMS[template] = problem
+    TOKEN_DIMS[template] = token_dim
 
 
 def render_group(graph, group, op_name: str) -> Rendered:
@@ -33,4 +36,4 @@ def render_group(graph, group, op_name: str) -> Rendered:
     return fn(graph, group, op_name)
 
 
-__all__ = ["INVOKERS", "PROBLEMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]
+__all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 from dsl.errors import KdslError
-from dsl.trace import Op
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_op(spec: str) -> tuple[Op, Path]:
-    """``path/to/file.py:op_name`` -> the @dsl.op object defined there."""
+def load_op(spec: str):
+    """``path/to/file.py:op_name`` -> (the @dsl.op object defined there, its path)."""
+    from dsl.trace import Op
+
     path_text, sep, name = spec.rpartition(":")
     if not sep or not path_text or not name:
         raise KdslError(f"expected FILE.py:OP, got '{spec}'")

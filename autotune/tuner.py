@@ -1,0 +1,457 @@
+"""The tuner: per kernel of an op at a shape, search launch configs with Optuna and store the best.
+
+Every candidate runs once and is compared with the graph's reference semantics before its time
+counts; compile errors, wrong results, timeouts and crashes become failed trials with their reason.
+On a GPU each candidate runs in a worker process with a timeout (a faulting kernel cannot take the
+tuner down); under Triton's interpreter it runs in-process. Studies live in the tuning database
+(Optuna's RDB storage), keyed by (kernel source hash, shape, device fingerprint, Triton version), so
+a killed run resumes and several workers share one study.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import math
+import multiprocessing as mp
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from dsl.errors import KdslError, TuningError
+from dsl.reference import run_all
+from dsl.trace import Op
+
+from .devices import Device
+from .space import SearchSpace, get_space
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclasses.dataclass
+class KernelTask:
+    """One kernel of one op at one shape: what to launch and what it must produce."""
+
+    op_name: str
+    kernel: str
+    template: str
+    source_hash: str
+    problem: dict
+    module: object
+    rendered: object
+    inputs: list
+    expected: list
+    env: dict
+
+    @property
+    def space(self) -> SearchSpace:
+        return get_space(self.template)
+
+
+@dataclasses.dataclass
+class TuneResult:
+    kernel: str
+    template: str
+    problem: dict
+    best_config: dict | None
+    best_ms: float | None
+    default_ms: float | None
+    measured: int
+    failed: int
+    source: str                      # "measured" | "predicted"
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+# -- building tasks ---------------------------------------------------------------------------
+
+
+def example_inputs(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: int = 0):
+    """Random inputs for ``op`` with every symbol bound by ``shape`` (floats ~ N(0, 1)/4)."""
+    import dsl.dtypes as dt
+
+    missing = sorted({d for p in op.params for d in p.spec.dims if isinstance(d, str)} - set(shape))
+    if missing:
+        raise TuningError(f"--shape must give {', '.join(missing)} for op '{op.name}' "
+                          f"(e.g. --shape {','.join(f'{m}=128' for m in missing)})")
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for p in op.params:
+        d = p.spec.dtype or dtype or dt.f32
+        size = tuple(s if isinstance(s, int) else shape[s] for s in p.spec.dims)
+        if d.is_float:
+            t = (torch.randn(size, generator=g) / 4).to(d.torch)
+        elif d is dt.bool_:
+            t = torch.rand(size, generator=g) > 0.5
+        else:  # integer inputs are indices in most ops; small non-negative values stay in range
+            t = torch.zeros(size, dtype=d.torch)
+        tensors.append(t.to(device))
+    return tensors
+
+
+def build_tasks(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: int = 0,
+                tensors=None) -> list[KernelTask]:
+    """The kernels of ``op`` at ``shape``, each with its inputs and the outputs it must produce."""
+    from codegen import kernels as K
+    from runtime.executor import TritonProgram
+
+    tensors = tensors if tensors is not None else example_inputs(op, shape, dtype, device, seed)
+    graph, tensors, env = op.bind(tensors, {})
+    program = TritonProgram(graph, op.name)
+    values = run_all(graph, tensors, env)
+    tasks = []
+    for info in program.infos:
+        r = program.rendered[info.name]
+        tasks.append(KernelTask(op.name, info.name, info.template, info.source_hash,
+                                K.PROBLEMS[r.template](r, env), program.module(info.name), r,
+                                [values[ref] for ref in r.input_refs],
+                                [values[ref] for ref in r.output_refs], env))
+    return tasks
+
+
+# -- running and checking one candidate --------------------------------------------------------
+
+
+def launch(task: KernelTask, config: dict) -> list[torch.Tensor]:
+    from codegen import kernels as K
+
+    outs = [torch.empty_like(e) for e in task.expected]
+    K.INVOKERS[task.template](task.module, task.rendered, task.inputs, outs, task.env, config)
+    return outs
+
+
+def mismatch(outs, expected) -> str | None:
+    """Why the outputs are wrong, or None. Tolerances follow the dtype (fp32 accumulation)."""
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        if o.shape != e.shape:
+            return f"output {i} has shape {tuple(o.shape)}, expected {tuple(e.shape)}"
+        if not o.numel():
+            continue
+        if e.dtype.is_floating_point:
+            tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(e.dtype, 2e-2)
+            of, ef = o.double(), e.double()
+            err = (of - ef).abs().max().item()
+            scale = max(1.0, ef.abs().max().item())
+            if not math.isfinite(err) and torch.equal(of.isnan(), ef.isnan()):
+                continue
+            if not err <= tol * scale:
+                return f"output {i} differs from the reference by {err:.3g} (tolerance {tol * scale:.3g})"
+        elif not torch.equal(o, e):
+            return f"output {i} differs from the reference"
+    return None
+
+
+class _Flusher:
+    """Evicts L2 between timed GPU runs by writing a buffer larger than any L2 cache."""
+
+    def __init__(self):
+        self.buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if torch.cuda.is_available() else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def time_candidate(task: KernelTask, config: dict, repeats: int, flush: _Flusher | None = None):
+    """Check once, then the median of ``repeats`` timed launches (seconds) and the raw samples."""
+    outs = launch(task, config)
+    reason = mismatch(outs, task.expected)
+    if reason:
+        raise CandidateFailure(f"wrong result: {reason}")
+    samples = []
+    on_gpu = bool(task.inputs) and task.inputs[0].is_cuda
+    for _ in range(repeats):
+        if on_gpu:
+            if flush is not None:
+                flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch(task, config)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            launch(task, config)
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), samples
+
+
+class CandidateFailure(KdslError):
+    """A candidate that did not produce a usable measurement; its message is the trial's reason."""
+
+
+# -- isolation: one worker process per tuning run on a GPU ---------------------------------------
+
+_WORKER_TASKS: dict = {}
+
+
+def _worker_measure(op_spec: str, shape: dict, dtype_name: str | None, kernel: str, config: dict,
+                    repeats: int):
+    """Runs in the worker process: rebuild the task from the op file, measure one candidate."""
+    import dsl.dtypes as dt
+    from runtime.cli.common import load_op
+
+    key = (op_spec, tuple(sorted(shape.items())), dtype_name)
+    if key not in _WORKER_TASKS:
+        op, _ = load_op(op_spec)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _WORKER_TASKS[key] = {t.kernel: t for t in build_tasks(op, shape, dt.ALL.get(dtype_name), device)}
+    task = _WORKER_TASKS[key][kernel]
+    try:
+        return time_candidate(task, config, repeats, _Flusher())
+    except CandidateFailure:
+        raise
+    except Exception as exc:  # compile errors, launch errors: report, never crash the tuner
+        raise CandidateFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
+class IsolatedRunner:
+    """Measures candidates in a worker process; a crash or timeout fails the candidate only."""
+
+    def __init__(self, op_spec: str, shape: dict, dtype_name: str | None, timeout_s: float = 120.0):
+        self.args = (op_spec, shape, dtype_name)
+        self.timeout_s = timeout_s
+        self.pool: cf.ProcessPoolExecutor | None = None
+
+    def _pool(self):
+        if self.pool is None:
+            self.pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+        return self.pool
+
+    def _kill(self):
+        if self.pool is not None:
+            for proc in list(getattr(self.pool, "_processes", {}).values()):
+                proc.kill()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def __call__(self, task: KernelTask, config: dict, repeats: int):
+        future = self._pool().submit(_worker_measure, *self.args, task.kernel, config, repeats)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except cf.TimeoutError:
+            self._kill()
+            raise CandidateFailure(f"timeout after {self.timeout_s:.0f} s") from None
+        except cf.process.BrokenProcessPool:
+            self._kill()
+            raise CandidateFailure("the kernel crashed its worker process") from None
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+def in_process_runner(task: KernelTask, config: dict, repeats: int):
+    try:
+        return time_candidate(task, config, repeats)
+    except CandidateFailure:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise CandidateFailure(f"{type(exc).__name__}: {first}") from None
+
+
+# -- the static filter: compile for the device without running ------------------------------------
+
+
+def launch_signature(task: KernelTask, config: dict):
+    """The jit function and its Triton signature, recorded from a launch that never runs."""
+    name = task.kernel
+    jit_fn = getattr(task.module, name)
+    recorded = {}
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                recorded["args"], recorded["kwargs"] = args, kwargs
+            return call
+
+    setattr(task.module, name, _Recorder())
+    try:
+        from codegen import kernels as K
+
+        outs = [torch.empty_like(e, device="meta") for e in task.expected]
+        ins = [t.to("meta") for t in task.inputs]
+        K.INVOKERS[task.template](task.module, task.rendered, ins, outs, task.env, config)
+    finally:
+        setattr(task.module, name, jit_fn)
+    names = [n for n in jit_fn.arg_names]
+    signature = {}
+    for arg_name, value in zip(names, recorded["args"]):
+        signature[arg_name] = _triton_type(value)
+    return jit_fn, signature
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+                 torch.uint8: "u8", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+def _triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TuningError(f"cannot describe a launch argument of type {type(value).__name__}")
+
+
+def static_filter(task: KernelTask, target: Device) -> Callable[[dict], str | None]:
+    """Constraints as code, then (NVIDIA targets) compile for the target and reject overflow/spills."""
+    from .static_check import static_check
+
+    space = task.space
+
+    def feasible(config: dict) -> str | None:
+        bad = space.violations(config, task.problem, target)
+        if bad:
+            return f"violates {', '.join(bad)}"
+        if target.vendor != "nvidia":
+            return None
+        jit_fn, signature = launch_signature(task, config)
+        constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+        verdict = static_check(jit_fn, signature, constexprs, config.get("num_warps", 4),
+                               config.get("num_stages", 3), target)
+        return None if verdict.ok else f"static check: {verdict.reason}"
+
+    return feasible
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+def study_name(task: KernelTask, device: Device) -> str:
+    from codegen.render import triton_version
+
+    from .shape_keys import shape_key
+
+    return f"{task.template}:{task.source_hash}:{shape_key(task.problem)}:{device.fingerprint()}:{triton_version()}"
+
+
+def measured_trials(study) -> int:
+    from optuna.trial import TrialState
+
+    from .strategy import FAILURE_ATTR
+
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state == TrialState.COMPLETE or FAILURE_ATTR in t.user_attrs)
+
+
+def warm_start(task: KernelTask, device: Device, db, top: int = 5) -> list[dict]:
+    """The template default, configs tuned for nearby shapes, and the cost model's best guesses."""
+    from codegen import kernels as K
+
+    configs = [dict(task.space.default)]
+    if db is not None:
+        near = db.nearest(source_hash=task.source_hash, device=device, shape=task.problem,
+                          token_dim=K.TOKEN_DIMS.get(task.template, "M"))
+        if near is not None:
+            configs.insert(0, dict(near.config))
+    try:
+        from .cost_model import rank
+    except ImportError:  # pragma: no cover - the cost model ships with kdsl
+        return configs
+    try:
+        configs += [r.config for r in rank(task.space, task.problem, device, top=top)]
+    except TuningError:
+        pass
+    return configs
+
+
+def open_study(task: KernelTask, device: Device, db=None, storage=None, seed: int = 0):
+    from .strategy import make_study
+
+    return make_study(task.space.params, seed, warm_start(task, device, db), storage=storage,
+                      study_name=study_name(task, device))
+
+
+def tune_task(task: KernelTask, *, trials: int, device: Device, db=None, storage=None, seed: int = 0,
+              repeats: int = 10, runner=None, feasible=None, quota: int | None = None, study=None,
+              on_trial: Callable[[int, float | None], None] | None = None) -> TuneResult:
+    """Measure until the study holds ``trials`` measured candidates (a killed run resumes where it
+    stopped), or, with ``quota``, exactly this worker's share of them."""
+    from .strategy import ask_config, report_failure, report_result
+
+    runner = runner or in_process_runner
+    params = task.space.params
+    feasible = feasible or static_filter(task, device)
+    study = study or open_study(task, device, db, storage, seed)
+    failures = []
+    default_ms = None
+    mine = 0
+    while (mine < quota) if quota is not None else (measured_trials(study) < trials):
+        mine += 1
+        try:
+            trial, config = ask_config(study, params, feasible)
+        except TuningError as exc:  # nothing feasible left to measure
+            failures.append(str(exc))
+            break
+        try:
+            seconds, samples = runner(task, config, repeats)
+        except CandidateFailure as exc:
+            report_failure(study, trial, str(exc))
+            failures.append(f"{config}: {exc}")
+            if on_trial:
+                on_trial(trial.number, None)
+            continue
+        trial.set_user_attr("samples", samples)
+        report_result(study, trial, seconds)
+        if config == task.space.default:
+            default_ms = seconds * 1e3
+        if on_trial:
+            on_trial(trial.number, seconds)
+    return _finish(task, study, device, db, default_ms, failures)
+
+
+def _finish(task, study, device, db, default_ms, failures) -> TuneResult:
+    from optuna.trial import TrialState
+
+    from .strategy import CONFIG_ATTR, FAILURE_ATTR, config_of
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    failed = sum(1 for t in study.get_trials(deepcopy=False) if FAILURE_ATTR in t.user_attrs)
+    if not complete:
+        return TuneResult(task.kernel, task.template, task.problem, None, None, default_ms, 0, failed,
+                          "measured", failures)
+    best = min(complete, key=lambda t: t.value)
+    config = best.user_attrs.get(CONFIG_ATTR) or config_of(best, task.space.params)
+    if db is not None:
+        db.add_record(template=task.template, source_hash=task.source_hash, op_name=task.op_name,
+                      device=device, shape=task.problem, config=config, time_ms=best.value * 1e3,
+                      samples=[s * 1e3 for s in best.user_attrs.get("samples", [])], source="measured")
+    return TuneResult(task.kernel, task.template, task.problem, dict(config), best.value * 1e3, default_ms,
+                      len(complete), failed, "measured", failures)
+
+
+def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int = 24) -> TuneResult:
+    """Offline: rank by the cost model, keep the first that passes the static check for ``target``."""
+    from .cost_model import predict, rank
+
+    feasible = static_filter(task, target)
+    failures = []
+    for ranked in rank(task.space, task.problem, target, top=candidates):
+        config = ranked.config
+        reason = feasible(config)
+        if reason:
+            failures.append(f"{config}: {reason}")
+            continue
+        seconds = predict(task.template, task.problem, config, target)
+        if db is not None:
+            db.add_record(template=task.template, source_hash=task.source_hash, op_name=task.op_name,
+                          device=target, shape=task.problem, config=config, time_ms=seconds * 1e3,
+                          source="predicted")
+        return TuneResult(task.kernel, task.template, task.problem, dict(config), seconds * 1e3, None, 0,
+                          len(failures), "predicted", failures)
+    return TuneResult(task.kernel, task.template, task.problem, None, None, None, 0, len(failures),
+                      "predicted", failures)
+
+
+__all__ = ["KernelTask", "TuneResult", "build_tasks", "example_inputs", "tune_task", "predict_task",
+           "IsolatedRunner", "in_process_runner", "CandidateFailure", "static_filter", "study_name",
+           "launch_signature", "warm_start", "measured_trials", "open_study"]
