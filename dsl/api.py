@@ -18,3 +18,4 @@ from .value import Value
 bool = bool_  # noqa: A001 - the DSL spells it dsl.bool
 
 __all__ = [n for n in dir() if not n.startswith("_")]
+from .qtensor import QTensor

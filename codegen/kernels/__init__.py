@@ -36,4 +36,7 @@ def render_group(graph, group, op_name: str) -> Rendered:
     return fn(graph, group, op_name)
 
 
+# Template families with their own Python entry points; importing them registers their spaces.
+from . import quant_gemm  # noqa: E402,F401
+
 __all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]
