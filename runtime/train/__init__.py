@@ -1,0 +1,1 @@
+"""Training: the corpus and packed batches, balancing methods, metrics."""
