@@ -101,7 +101,8 @@ class ConfigResolver:
 
     def resolve(self, template: str, source_hash: str, shape: Mapping[str, int], *, token_dim: str = "M",
                 op_file: str | None = None, op_name: str | None = None,
-                override: Mapping[str, int] | None = None) -> Resolution:
+                override: Mapping[str, int] | None = None,
+                op_shape: Mapping[str, int] | None = None) -> Resolution:
         space = get_space(template)
         if override is not None:
             config = space.validate(override, where=f"override for kernel {source_hash} ({template})")
@@ -114,12 +115,14 @@ class ConfigResolver:
         with self._lock:
             cached = self._cache.get(key)
             if cached is None:
-                cached = self._resolve_uncached(space, source_hash, shape, token_dim, op_file, op_name)
+                cached = self._resolve_uncached(space, source_hash, shape, token_dim, op_file, op_name,
+                                                op_shape)
                 self._cache[key] = cached
         return cached
 
     def _resolve_uncached(self, space, source_hash: str, shape: dict[str, int], token_dim: str,
-                          op_file: str | None, op_name: str | None) -> Resolution:
+                          op_file: str | None, op_name: str | None,
+                          op_shape: Mapping[str, int] | None = None) -> Resolution:
         db = self._database()
         stored = db.query(source_hash=source_hash) if db is not None else []
         shipped = [r for r in self._shipped_records() if r.source_hash == source_hash]
@@ -146,7 +149,7 @@ class ConfigResolver:
                 origin = f" record #{record.id}" if record.id is not None else " record (tuning_db/)"
                 return self._found(record, label, f"{label}{origin} for {record.device_name} {where}", notes)
 
-        command = tune_command(shape, op_file, op_name)
+        command = tune_command(op_shape or shape, op_file, op_name)
         warn_key = (source_hash, key, self.device.fingerprint())
         if warn_key not in self._warned:
             self._warned.add(warn_key)

@@ -144,8 +144,8 @@ class CompiledOp:
             self._resolver = resolver_for(self)
         return self._resolver
 
-    def config_for(self, kernel: KernelInfo, problem: dict) -> dict:
-        return self.resolver.resolve(kernel, problem)[0]
+    def config_for(self, kernel: KernelInfo, problem: dict, env: dict | None = None) -> dict:
+        return self.resolver.resolve(kernel, problem, env)[0]
 
     # -- variants -------------------------------------------------------------------------------
     def variant(self, tensors, statics: dict) -> _Variant:
@@ -196,7 +196,7 @@ class CompiledOp:
         program = variant.program
         for info in program.infos:
             problem = program.problem(info.name, env)
-            config, source, detail = self.resolver.resolve(info, problem)
+            config, source, detail = self.resolver.resolve(info, problem, env)
             rows.append(ExplainRow(info.name, info.template, problem, config, source, detail))
         return rows
 

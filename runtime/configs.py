@@ -23,7 +23,7 @@ class CompiledOpResolver:
         except TypeError:
             self.op_file = None
 
-    def resolve(self, kernel, problem: dict):
+    def resolve(self, kernel, problem: dict, env: dict | None = None):
         override = self.overrides.get(kernel.name) or self.overrides.get(kernel.template)
         if override is None and not all(problem.values()):
             # An empty problem launches nothing: there is no config to tune or look up.
@@ -32,7 +32,8 @@ class CompiledOpResolver:
             return dict(get_space(kernel.template).default), "default", "empty problem, nothing to launch"
         return tuple(self.chain.resolve(kernel.template, kernel.source_hash, problem,
                                         token_dim=K.TOKEN_DIMS.get(kernel.template, "M"),
-                                        op_file=self.op_file, op_name=self.op_name, override=override))
+                                        op_file=self.op_file, op_name=self.op_name, override=override,
+                                        op_shape=env))
 
 
 def resolver_for(compiled) -> CompiledOpResolver:

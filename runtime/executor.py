@@ -31,7 +31,7 @@ class KernelInfo:
 
 
 class TritonProgram:
-    """A graph compiled to Triton kernels. ``config_for(kernel_info, problem) -> config`` picks the
+    """A graph compiled to Triton kernels. ``config_for(kernel_info, problem, env) -> config`` picks the
     launch configuration of each kernel (the runtime's lookup chain)."""
 
     def __init__(self, graph: Graph, op_name: str):
@@ -57,7 +57,7 @@ class TritonProgram:
         r = self.rendered[name]
         return K.PROBLEMS[r.template](r, env)
 
-    def run(self, tensors, env: dict[str, int], config_for: Callable[[KernelInfo, dict], dict]):
+    def run(self, tensors, env: dict[str, int], config_for: Callable[[KernelInfo, dict, dict], dict]):
         graph = self.graph
         device = tensors[0].device if tensors else torch.device("cpu")
         values: dict[Ref, torch.Tensor] = {Ref(nid): t for nid, t in zip(graph.inputs, tensors)}
@@ -73,7 +73,7 @@ class TritonProgram:
                     out = torch.empty(shape, dtype=t.dtype.torch, device=device)
                     values[ref] = out
                     outs.append(out)
-                config = config_for(infos[r.name], K.PROBLEMS[r.template](r, env))
+                config = config_for(infos[r.name], K.PROBLEMS[r.template](r, env), env)
                 K.INVOKERS[r.template](self.module(r.name), r, ins, outs, env, config)
             else:
                 node = graph.node(step.node)
