@@ -51,6 +51,16 @@ def _normalise(cases):
     return out
 
 
+def _runner(op, backend):
+    """A dsl op compiles for the backend; a plain function is called as fn(backend, *args)."""
+    from dsl.trace import Op
+
+    if isinstance(op, Op):
+        f = compile(op, backend=backend)
+        return f, (lambda *a, **k: f(*a, **k))
+    return None, (lambda *a, **k: op(backend, *a, **k))
+
+
 def _error(got, want) -> float:
     got = got if isinstance(got, (tuple, list)) else (got,)
     want = want if isinstance(want, (tuple, list)) else (want,)
@@ -68,13 +78,17 @@ def run_demo(backends=("triton", "torch"), only: str | None = None, progress=Non
     for name, op, args, kwargs, ref in cases:
         want = ref(*args, **kwargs)
         for backend in backends:
-            f = compile(op, backend=backend)
+            f, call = _runner(op, backend)
             start = time.perf_counter()
             with torch.no_grad():
-                got = f(*args, **kwargs)
+                got = call(*args, **kwargs)
             seconds = time.perf_counter() - start
-            kernels = "reference" if backend == "torch" else ", ".join(
-                k.template for k in f.kernels_for(*args, **kwargs))
+            if backend == "torch":
+                kernels = "reference"
+            elif f is not None:
+                kernels = ", ".join(k.template for k in f.kernels_for(*args, **kwargs))
+            else:
+                kernels = getattr(op, "__kdsl_templates__", "fused kernel")
             err = _error(got, want)
             results.append(DemoResult(name, backend, kernels, err, seconds, err <= tol))
             if progress is not None:
