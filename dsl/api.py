@@ -17,5 +17,9 @@ from .value import Value
 
 bool = bool_  # noqa: A001 - the DSL spells it dsl.bool
 
-__all__ = [n for n in dir() if not n.startswith("_")]
 from .qtensor import QTensor
+from .moe import (combine, grouped_matmul, grouped_matmul_combine, grouped_matmul_dw, moe_ffn, route,
+                  swiglu_experts, topk)
+from .attention_prims import attention, attention_varlen, paged_attention, rotary
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -107,10 +107,12 @@ def unify_dim(a, b, what: str):
         return a
     if isinstance(a, int) and isinstance(b, int):
         raise ShapeError(f"shape mismatch: {what}: {a} vs {b}")
-    if isinstance(a, str) and isinstance(b, str):
+    if isinstance(a, str) and isinstance(b, str) and "*" not in a + b:
         raise ShapeError(f"shape mismatch: {what}: {a} vs {b}")
+    # A symbol against an int, or a product of symbols ("2*H") against another expression, can only
+    # be decided once the symbols are bound: checked at call time.
     _pending_constraints.append((a, b))
-    return a if isinstance(a, int) else b
+    return a if isinstance(a, int) or "*" not in a else b
 
 
 def broadcast_shapes(*shapes: tuple) -> tuple:

@@ -7,8 +7,9 @@ import importlib
 
 import codegen as _codegen  # noqa: F401  (chooses the Triton interpreter on machines without a GPU)
 
-_LAZY = {"compile": ("runtime.compile", "compile"), "CompiledOp": ("runtime.compile", "CompiledOp")}
-_SUBMODULES = {"ops", "nn", "model", "train", "serve", "parallel", "quantize", "hf", "demo", "executor",
+# The function lives in runtime.compiler: a submodule named "compile" would shadow it once imported.
+_LAZY = {"compile": ("runtime.compiler", "compile"), "CompiledOp": ("runtime.compiler", "CompiledOp")}
+_SUBMODULES = {"ops", "nn", "model", "train", "serve", "parallel", "quantize", "hf", "demo", "executor", "compiler",
                "configs"}
 
 __all__ = ["CompiledOp", "compile", *sorted(_SUBMODULES)]

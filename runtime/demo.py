@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from .compile import compile
+from .compiler import compile
 
 # Modules that contribute demo cases (each has demo_cases()); later packages append theirs.
-DEMO_MODULES = ["runtime.ops.dense", "runtime.ops.moe", "runtime.ops.attention", "runtime.ops.quant"]
+DEMO_MODULES = ["runtime.ops.dense", "runtime.ops.moe_ops", "runtime.ops.attention_ops", "runtime.ops.quant"]
 
 
 @dataclasses.dataclass

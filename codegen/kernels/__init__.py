@@ -37,6 +37,6 @@ def render_group(graph, group, op_name: str) -> Rendered:
 
 
 # Template families with their own Python entry points; importing them registers their spaces.
-from . import quant_gemm  # noqa: E402,F401
+from . import attention, moe, quant_gemm  # noqa: E402,F401
 
 __all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import dsl
 
-from ..compile import compile
+from ..compiler import compile
 
 T = dsl.Tensor
 

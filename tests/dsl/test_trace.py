@@ -92,7 +92,7 @@ def test_non_static_keyword():
 def test_shape_mismatch_inside_op_names_node_and_line():
     @dsl.op
     def bad(x: dsl.Tensor["M", "K"], y: dsl.Tensor["N", "K"]):
-        return x + y  # noqa: the mismatch under test
+        return x + y  # the mismatch under test
 
     with pytest.raises(DSLError) as e:
         bad.graph

@@ -1,4 +1,4 @@
-"""``runtime.compile``: turn a dsl op into a PyTorch-callable, differentiable, torch.compile-friendly
+"""``runtime.compile`` (defined here): turn a dsl op into a PyTorch-callable, differentiable, torch.compile-friendly
 op backed by generated Triton kernels (or by the reference semantics on the torch backend)."""
 
 from __future__ import annotations
