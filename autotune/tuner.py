@@ -358,7 +358,7 @@ def warm_start(task: KernelTask, device: Device, db, top: int = 5) -> list[dict]
     except ImportError:  # pragma: no cover - the cost model ships with kdsl
         return configs
     try:
-        configs += [r.config for r in rank(task.space, task.problem, device, top=top)]
+        configs += [r.config for r in rank(task.space, cost_problem(task), device, top=top)]
     except TuningError:
         pass
     return configs
@@ -429,29 +429,71 @@ def _finish(task, study, device, db, default_ms, failures) -> TuneResult:
                       len(complete), failed, "measured", failures)
 
 
-def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int = 24) -> TuneResult:
-    """Offline: rank by the cost model, keep the first that passes the static check for ``target``."""
-    from .cost_model import predict, rank
+_COST_DTYPES = {torch.float32: "f32", torch.float64: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
+                torch.int8: "i8", torch.float8_e4m3fn: "f8e4m3"}
 
-    feasible = static_filter(task, target)
-    failures = []
-    for ranked in rank(task.space, task.problem, target, top=candidates):
-        config = ranked.config
-        reason = feasible(config)
-        if reason:
-            failures.append(f"{config}: {reason}")
+
+def cost_problem(task: KernelTask) -> dict:
+    """The task's problem plus the compute dtype the cost model needs (shape keys hold ints only)."""
+    dtypes = [t.dtype for t in task.inputs if t.dtype.is_floating_point or t.dtype == torch.int8]
+    return {**task.problem, "dtype": _COST_DTYPES.get(dtypes[0] if dtypes else torch.float32, "f32")}
+
+
+def _tile_class(config: dict) -> tuple:
+    # What decides registers and spills: the tile and the threads sharing it. Stages and the
+    # program order change shared memory, which the check reports separately.
+    return tuple(sorted((k, v) for k, v in config.items() if k not in ("num_stages", "GROUP_M")))
+
+
+def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int = 16, batch: int = 4) -> TuneResult:
+    """Offline: rank by the cost model, keep the best that passes the static check for ``target``.
+
+    Candidates are compiled a few at a time in one worker process.
+    """
+    from .cost_model import predict, rank
+    from .static_check import check_configs
+
+    problem = cost_problem(task)
+    failures: list[str] = []
+    # One candidate per tile class, best predicted first: stage and order variants of a tile that
+    # spills would all spill, so ``candidates`` compiles cover as many tiles as possible.
+    pending, seen = [], set()
+    for r in rank(task.space, problem, target):
+        if _tile_class(r.config) not in seen:
+            seen.add(_tile_class(r.config))
+            pending.append(r.config)
+    pending = pending[:candidates]
+    while pending:
+        todo = []
+        while pending and len(todo) < batch:
+            config = pending.pop(0)
+            bad = task.space.violations(config, task.problem, target)
+            if bad:
+                failures.append(f"{config}: violates {', '.join(bad)}")
+            else:
+                todo.append(config)
+        if not todo:
             continue
-        seconds = predict(task.template, task.problem, config, target)
-        if db is not None:
-            db.add_record(template=task.template, source_hash=task.source_hash, op_name=task.op_name,
-                          device=target, shape=task.problem, config=config, time_ms=seconds * 1e3,
-                          source="predicted")
-        return TuneResult(task.kernel, task.template, task.problem, dict(config), seconds * 1e3, None, 0,
-                          len(failures), "predicted", failures)
+        if target.vendor == "nvidia":
+            fn, signature = launch_signature(task, todo[0])
+            verdicts = check_configs(fn, signature, todo, target)
+        else:
+            verdicts = [None] * len(todo)
+        for config, verdict in zip(todo, verdicts):
+            if verdict is not None and not verdict.ok:
+                failures.append(f"{config}: static check: {verdict.reason}")
+                continue
+            seconds = predict(task.template, problem, config, target)
+            if db is not None:
+                db.add_record(template=task.template, source_hash=task.source_hash, op_name=task.op_name,
+                              device=target, shape=task.problem, config=config, time_ms=seconds * 1e3,
+                              source="predicted")
+            return TuneResult(task.kernel, task.template, task.problem, dict(config), seconds * 1e3, None, 0,
+                              len(failures), "predicted", failures)
     return TuneResult(task.kernel, task.template, task.problem, None, None, None, 0, len(failures),
                       "predicted", failures)
 
 
 __all__ = ["KernelTask", "TuneResult", "build_tasks", "example_inputs", "tune_task", "predict_task",
            "IsolatedRunner", "in_process_runner", "CandidateFailure", "static_filter", "study_name",
-           "launch_signature", "warm_start", "measured_trials", "open_study"]
+           "launch_signature", "cost_problem", "warm_start", "measured_trials", "open_study"]
