@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from dsl.errors import KdslError
 
@@ -32,5 +33,7 @@ def run(args) -> int:
                         "benchmarks run from a source checkout")
     spec = importlib.util.spec_from_file_location(f"kdsl_bench_{args.name}", path)
     module = importlib.util.module_from_spec(spec)
+    # Registered so that worker processes can unpickle the benchmark's own functions.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return int(module.main(list(args.args)) or 0)
