@@ -226,15 +226,9 @@ def default_url() -> str:
     env = os.environ.get("KDSL_DB")
     if env:
         return env
-    root = os.environ.get("KDSL_CACHE_DIR")
-    if root:
-        directory = Path(root)
-    else:
-        import platformdirs
+    from dsl.paths import cache_root
 
-        directory = Path(platformdirs.user_cache_dir("kdsl"))
-    directory.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{directory / 'tuning.sqlite'}"
+    return f"sqlite:///{cache_root() / 'tuning.sqlite'}"
 
 
 def resolve_url(url: str | None) -> str:

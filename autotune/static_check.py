@@ -53,15 +53,9 @@ class Verdict:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("KDSL_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        import platformdirs
+    from dsl.paths import cache_root
 
-        base = Path(platformdirs.user_cache_dir("kdsl"))
-    base.mkdir(parents=True, exist_ok=True)
-    return base / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def _function_file(fn) -> tuple[Path, str]:

@@ -114,16 +114,9 @@ def source_hash(source: str) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KDSL_CACHE_DIR")
-    if root:
-        path = Path(root)
-    else:
-        import platformdirs
+    from dsl.paths import cache_root
 
-        path = Path(platformdirs.user_cache_dir("kdsl"))
-    path = path / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root("kernels")
 
 
 _modules: dict[str, ModuleType] = {}

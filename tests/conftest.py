@@ -26,3 +26,14 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny CPU ops on a shared machine: one intra-op thread avoids OpenMP contention stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

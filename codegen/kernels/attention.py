@@ -18,7 +18,7 @@ from ..partition import ANCHOR_TEMPLATES, KernelGroup
 from ..printer import literal
 from ..render import Code, render
 from . import register_renderer
-from .common import Rendered, node_list, operand, print_body
+from .common import Rendered, fused_epilogue, node_list
 
 FWD, BWD, PAGED, ROTARY = "attention_fwd", "attention_bwd", "attention_paged", "attention_rotary"
 VARLEN_OPS = ("attention_varlen", "attention_varlen_bwd")
@@ -244,27 +244,11 @@ def _attention_problem(rendered: Rendered, env) -> dict:
 # single-output anchors with a fused elementwise epilogue (paged decode, rotary)
 
 
-def _epilogue(graph: Graph, group: KernelGroup, anchor):
-    epi_inputs = []
-    for n in group.epilogue:
-        for r in graph.node(n).inputs:
-            if (r != Ref(anchor.id) and graph.node(r.node).op != "const" and r not in epi_inputs
-                    and r.node not in group.epilogue):
-                epi_inputs.append(r)
-    names = {Ref(anchor.id): "acc"}
-    inputs = []
-    for i, ref in enumerate(epi_inputs):
-        inputs.append(operand(f"in{i}", f"e{i}", graph.type_of(ref).dtype, ""))
-        names[ref] = f"e{i}"
-    printer = print_body(graph, group.epilogue, names)
-    outputs = [operand(f"out{i}", printer.names[ref], graph.type_of(ref).dtype, "")
-               for i, ref in enumerate(group.outputs)]
-    return epi_inputs, inputs, outputs, printer
 
 
 def render_paged(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
     anchor = graph.node(group.anchor)
-    epi_refs, inputs, outputs, printer = _epilogue(graph, group, anchor)
+    epi_refs, inputs, outputs, printer = fused_epilogue(graph, group, anchor)
     source = render("attention_paged.j2", kernel=group.name, op_name=op_name,
                     anchor=Code(f"%{anchor.id} paged_attention"), node_list=node_list(graph, group.epilogue),
                     inputs=inputs, outputs=outputs, body=printer.code(4),
@@ -309,7 +293,7 @@ def render_rotary(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
     anchor = graph.node(group.anchor)
     x_ref, cos_ref, sin_ref = anchor.inputs
     cos_lit, sin_lit = _const_literal(graph, cos_ref), _const_literal(graph, sin_ref)
-    epi_refs, inputs, outputs, printer = _epilogue(graph, group, anchor)
+    epi_refs, inputs, outputs, printer = fused_epilogue(graph, group, anchor)
     source = render("attention_rotary.j2", kernel=group.name, op_name=op_name,
                     anchor=Code(f"%{anchor.id} rotary"), adjoint=anchor.attr["adjoint"],
                     cos_literal=cos_lit, sin_literal=sin_lit,

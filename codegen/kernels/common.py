@@ -43,3 +43,25 @@ def print_body(graph: Graph, node_ids, names: dict[Ref, str], indent: int = 4):
     for nid in node_ids:
         printer.emit(graph.node(nid))
     return printer
+
+
+def fused_epilogue(graph: Graph, group, anchor, acc: str = "acc"):
+    """The elementwise chain fused after an anchor: ``(extra input refs, input operands, output
+    operands, printer)``. The anchor's result is named ``acc`` in the printed body; every other
+    non-constant value the chain reads from outside the group becomes an input ``in{i}`` (read as
+    ``e{i}``), including the anchor's own operands when the chain reuses them (``x @ w + x``)."""
+    refs: list[Ref] = []
+    for n in group.epilogue:
+        for r in graph.node(n).inputs:
+            if (r.node != anchor.id and graph.node(r.node).op != "const" and r not in refs
+                    and r.node not in group.epilogue):
+                refs.append(r)
+    names = {Ref(anchor.id): acc}
+    inputs = []
+    for i, ref in enumerate(refs):
+        inputs.append(operand(f"in{i}", f"e{i}", graph.type_of(ref).dtype, ""))
+        names[ref] = f"e{i}"
+    printer = print_body(graph, group.epilogue, names)
+    outputs = [operand(f"out{i}", printer.names[ref], graph.type_of(ref).dtype, "")
+               for i, ref in enumerate(group.outputs)]
+    return refs, inputs, outputs, printer

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from autotune.space import SearchSpace, register_space
 from dsl import dtypes as dt
-from dsl.graph import Graph, Ref
+from dsl.graph import Graph
 
 from ..partition import KernelGroup
 from ..render import Code, render
-from .common import Rendered, node_list, operand, print_body
+from .common import Rendered, fused_epilogue, node_list
 
 
 def _smem(config, shape, elem_bytes):
@@ -51,21 +51,7 @@ def render_gemm(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
     anchor = graph.node(group.anchor)
     a_ref, b_ref = anchor.inputs
     dtype = anchor.type.dtype
-    # Operands the epilogue reads (a or b may also be read there, e.g. x @ w + x).
-    epi_inputs = []
-    for n in group.epilogue:
-        for r in graph.node(n).inputs:
-            if r != Ref(anchor.id) and graph.node(r.node).op != "const" and r not in epi_inputs \
-                    and graph.node(r.node).id not in group.epilogue:
-                epi_inputs.append(r)
-    names = {Ref(anchor.id): "acc"}
-    inputs = []
-    for i, ref in enumerate(epi_inputs):
-        inputs.append(operand(f"in{i}", f"e{i}", graph.type_of(ref).dtype, ""))
-        names[ref] = f"e{i}"
-    printer = print_body(graph, group.epilogue, names)
-    outputs = [operand(f"out{i}", printer.names[ref], graph.type_of(ref).dtype, "")
-               for i, ref in enumerate(group.outputs)]
+    epi_inputs, inputs, outputs, printer = fused_epilogue(graph, group, anchor)
     precision = "ieee" if dtype in (dt.f32, dt.f64) else "tf32"
     source = render("gemm.j2", kernel=group.name, op_name=op_name, anchor=Code(f"%{anchor.id} matmul"),
                     node_list=node_list(graph, group.epilogue), inputs=inputs, outputs=outputs,

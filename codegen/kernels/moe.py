@@ -22,7 +22,7 @@ from dsl.moe import identity_cache_get, identity_cache_put, select_on_logits
 from ..partition import ANCHOR_TEMPLATES, KernelGroup
 from ..render import Code, load_module, render
 from . import register_renderer
-from .common import Rendered, node_list, operand, print_body
+from .common import Rendered, fused_epilogue, node_list
 
 GEMM_MODES = {"grouped_matmul": "plain", "grouped_matmul_combine": "combine", "moe_gate_up": "swiglu",
               "moe_gate_up_bwd": "swiglu_bwd"}
@@ -164,28 +164,9 @@ def alignment(ids, num_experts: int, block_m: int):
 # shared rendering helpers
 
 
-def _epilogue_inputs(graph: Graph, group: KernelGroup, anchor) -> list[Ref]:
-    refs = []
-    for n in group.epilogue:
-        for r in graph.node(n).inputs:
-            if (r.node != anchor.id and graph.node(r.node).op != "const" and r not in refs
-                    and r.node not in group.epilogue):
-                refs.append(r)
-    return refs
-
-
 def _epilogue(graph, group, anchor, indents=(4,)):
-    epi_refs = _epilogue_inputs(graph, group, anchor)
-    names = {Ref(anchor.id): "val"}
-    inputs = []
-    for i, ref in enumerate(epi_refs):
-        inputs.append(operand(f"in{i}", f"e{i}", graph.type_of(ref).dtype, ""))
-        names[ref] = f"e{i}"
-    printer = print_body(graph, group.epilogue, names)
-    outputs = [operand(f"out{i}", printer.names[ref], graph.type_of(ref).dtype, "")
-               for i, ref in enumerate(group.outputs)]
-    bodies = [printer.code(n) for n in indents]
-    return epi_refs, inputs, outputs, bodies
+    epi_refs, inputs, outputs, printer = fused_epilogue(graph, group, anchor, acc="val")
+    return epi_refs, inputs, outputs, [printer.code(n) for n in indents]
 
 
 def _precision(dtype) -> str:

@@ -108,72 +108,27 @@ _COMMON_CONSTRAINTS = (
     ("threads_have_work", _threads_have_work),
 )
 
-QUANT_GEMM_SPACE = register_space(
-    SearchSpace(
-        template="quant_gemm",
-        params={**_COMMON_PARAMS, "BLOCK_K": (16, 32, 64, 128, 256)},
-        default={
-            "BLOCK_M": 16,
-            "BLOCK_N": 64,
-            "BLOCK_K": 32,
-            "SPLIT_K": 1,
-            "GROUP_M": 8,
-            "num_warps": 4,
-            "num_stages": 3,
-        },
-        constraints=_COMMON_CONSTRAINTS
-        + (
-            ("block_k_within_group", _block_k_within_group),
-            ("fits_shared_memory", _smem_fits(_quant_smem)),
-        ),
-        smem_bytes=_quant_smem,
-    )
-)
 
-INT8_GEMM_SPACE = register_space(
-    SearchSpace(
-        template="int8_gemm",
-        params={**_COMMON_PARAMS, "BLOCK_K": (32, 64, 128, 256)},
-        default={
-            "BLOCK_M": 16,
-            "BLOCK_N": 64,
-            "BLOCK_K": 64,
-            "SPLIT_K": 1,
-            "GROUP_M": 8,
-            "num_warps": 4,
-            "num_stages": 3,
-        },
-        constraints=_COMMON_CONSTRAINTS
-        + (
-            ("mma_k_for_8bit", _mma_k_for_8bit),
-            ("fits_shared_memory", _smem_fits(_scaled_smem)),
-        ),
-        smem_bytes=_scaled_smem,
-    )
-)
+def _space(template: str, block_k: tuple[int, ...], default_block_k: int, constraints, smem) -> SearchSpace:
+    # The three weight formats share the GEMM tiling; they differ in BLOCK_K (MMA K for 8-bit,
+    # group size for 4-bit) and in shared memory per stage.
+    return register_space(SearchSpace(
+        template=template,
+        params={**_COMMON_PARAMS, "BLOCK_K": block_k},
+        default={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": default_block_k, "SPLIT_K": 1, "GROUP_M": 8,
+                 "num_warps": 4, "num_stages": 3},
+        constraints=_COMMON_CONSTRAINTS + tuple(constraints) + (("fits_shared_memory", _smem_fits(smem)),),
+        smem_bytes=smem,
+    ))
 
-FP8_GEMM_SPACE = register_space(
-    SearchSpace(
-        template="fp8_gemm",
-        params={**_COMMON_PARAMS, "BLOCK_K": (32, 64, 128, 256)},
-        default={
-            "BLOCK_M": 16,
-            "BLOCK_N": 64,
-            "BLOCK_K": 64,
-            "SPLIT_K": 1,
-            "GROUP_M": 8,
-            "num_warps": 4,
-            "num_stages": 3,
-        },
-        constraints=_COMMON_CONSTRAINTS
-        + (
-            ("mma_k_for_8bit", _mma_k_for_8bit),
-            ("device_has_fp8", _device_has_fp8),
-            ("fits_shared_memory", _smem_fits(_scaled_smem)),
-        ),
-        smem_bytes=_scaled_smem,
-    )
-)
+
+QUANT_GEMM_SPACE = _space("quant_gemm", (16, 32, 64, 128, 256), 32,
+                          [("block_k_within_group", _block_k_within_group)], _quant_smem)
+INT8_GEMM_SPACE = _space("int8_gemm", (32, 64, 128, 256), 64, [("mma_k_for_8bit", _mma_k_for_8bit)],
+                         _scaled_smem)
+FP8_GEMM_SPACE = _space("fp8_gemm", (32, 64, 128, 256), 64,
+                        [("mma_k_for_8bit", _mma_k_for_8bit), ("device_has_fp8", _device_has_fp8)],
+                        _scaled_smem)
 
 SPACES = {"quant_gemm": QUANT_GEMM_SPACE, "int8_gemm": INT8_GEMM_SPACE, "fp8_gemm": FP8_GEMM_SPACE}
 

@@ -37,12 +37,9 @@ FORMAT_VERSION = 1
 
 def default_data_dir() -> Path:
     """``$KDSL_CACHE_DIR/data`` if set, else the user cache directory of kdsl plus ``/data``."""
-    root = os.environ.get("KDSL_CACHE_DIR")
-    if not root:
-        import platformdirs
+    from dsl.paths import cache_root
 
-        root = platformdirs.user_cache_dir("kdsl")
-    return Path(root) / "data"
+    return cache_root("data", create=False)
 
 
 # ------------------------------------------------------------------------------------- preparation
@@ -124,7 +121,8 @@ def _encode(tokenizer, texts: Sequence[str], eos_id: int) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then move into place: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -156,7 +154,7 @@ def build_corpus(domains: Mapping[str, Sequence[Document]], out_dir: str | Path,
     tokenizer = train_tokenizer({n: [d.text for d in s["train"]] for n, s in splits.items()}, vocab_size,
                                 tokenizer_sample_bytes)
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    _atomic_write_bytes(out / TOKENIZER, lambda p: tokenizer.save(str(p)))
+    atomic_write(out / TOKENIZER, lambda p: tokenizer.save(str(p)))
 
     manifest = {"format": FORMAT_VERSION, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos_id,
                 "tokenizer": TOKENIZER, "seed": seed, "heldout_fraction": heldout_fraction,
@@ -171,14 +169,14 @@ def build_corpus(domains: Mapping[str, Sequence[Document]], out_dir: str | Path,
                 with open(p, "wb") as fh:
                     np.save(fh, arr)
 
-            _atomic_write_bytes(out / fname, save)
+            atomic_write(out / fname, save)
             entry["splits"][split] = {"file": fname, "tokens": int(tokens.size), "documents": len(docs),
                                       "bytes": sum(len(d.text.encode("utf-8")) for d in docs)}
         manifest["domains"][name] = entry
         log(f"{name}: {entry['splits']['train']['tokens']:,} train / "
             f"{entry['splits']['heldout']['tokens']:,} held-out tokens")
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    _atomic_write_bytes(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return manifest
 
 
@@ -206,7 +204,7 @@ def prepare(out_dir: str | Path | None = None, *, vocab_size: int = 4096, seed: 
     manifest = build_corpus(domains, out, vocab_size=vocab_size, seed=seed, heldout_fraction=heldout_fraction,
                             max_bytes_per_domain=max_bytes_per_domain, sources=origin, log=log)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)  # including collection and downloads
-    _atomic_write_bytes(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return manifest
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,7 @@ from dsl.errors import TrainingError
 from runtime.model import MoEConfig, MoETransformer, get_preset
 from runtime.nn.moe import BALANCE_METHODS
 from runtime.train.balance import TopKSchedule
-from runtime.train.data import PackedDataset, default_data_dir
+from runtime.train.data import PackedDataset, atomic_write, default_data_dir
 from runtime.train.metrics import DomainLoad, MaxVioTracker
 
 CHECKPOINT = "checkpoint.json"
@@ -107,17 +106,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------- file helpers
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _sha256(path: Path) -> str:
@@ -213,7 +203,7 @@ class Trainer:
         tensors, meta = self._tensors()
         name = f"ckpt_{self.step:07d}.safetensors"
         path = self.out / name
-        _atomic_write(path, lambda p: save_file(tensors, str(p)))
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
         previous = None
         if (self.out / CHECKPOINT).is_file():
             try:
@@ -282,7 +272,7 @@ class Trainer:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            _atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+            atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     # -- metrics -------------------------------------------------------------------------------------
     def _emit(self, record: dict) -> None:

@@ -19,13 +19,7 @@ from tests.attention_oracle import (assert_flash_rule, exact, gathered_decode, p
 T = dsl.Tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU ops on a shared machine: one intra-op thread avoids OpenMP contention stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @dsl.op

@@ -18,13 +18,7 @@ from runtime.ops.attention_ops import (attention, attention_varlen, demo_cases, 
 from tests.attention_oracle import (assert_flash_rule, exact, gathered_decode, plain_same_dtype,
                                     random_paged, varlen_reference)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU ops on a shared machine: one intra-op thread avoids OpenMP contention stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 SEQ_PAIRS = [(1, 67), (37, 53), (45, 45), (70, 33)]   # (seq_q, seq_k); 70 > 33 only without causal
