@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dsl.errors import ServingError
+from dsl.errors import KdslError, ServingError
 
 
 class HFTokenizer:
@@ -97,12 +97,21 @@ def load_checkpoint(run_dir: str | Path, *, backend: str = "auto"):
 
     tensors = load_file(str(tensor_file))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model = MoETransformer(config)
+    # The balancer's state takes part in routing at inference too (aux-free's selection bias), so the
+    # model is rebuilt with the method it was trained with and that state restored.
+    balance = str((record.get("train_config") or {}).get("balance", "none"))
+    try:
+        model = MoETransformer(config, balance=balance)
+    except KdslError as exc:
+        raise ServingError(f"checkpoint {ckpt}: {exc}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
         raise ServingError(f"checkpoint {tensor_file} does not fit its model config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
+    balancer = {k[len("balance."):]: v for k, v in tensors.items() if k.startswith("balance.")}
+    if balancer:
+        model.load_balancer_state(balancer)
     return model.eval(), _find_tokenizer(run_dir, record), f"{run_dir.name}-step{record.get('step', 0)}"
 
 

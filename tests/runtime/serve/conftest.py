@@ -4,13 +4,18 @@ import pytest
 import torch
 
 
-def build_tiny_model():
-    from runtime.model import MoEConfig, MoETransformer
+def tiny_config():
+    from runtime.model import MoEConfig
 
-    config = MoEConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, num_experts=4, top_k=2,
-                       expert_hidden=32, backend="torch")
+    return MoEConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, num_experts=4, top_k=2,
+                     expert_hidden=32, backend="torch")
+
+
+def build_tiny_model():
+    from runtime.model import MoETransformer
+
     torch.manual_seed(0)
-    return MoETransformer(config).eval()
+    return MoETransformer(tiny_config()).eval()
 
 
 @pytest.fixture(scope="session")
