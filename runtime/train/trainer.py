@@ -134,6 +134,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ trainer
 
+@torch.no_grad()
+def heldout_perplexity(model, dataset: PackedDataset, windows: int, batch_size: int, on_batch=None) -> float:
+    """exp(mean next-token NLL) over the first ``windows`` sequences of ``dataset``.
+
+    ``on_batch(tokens)`` runs after each forward (the trainer reads the routing there).
+    """
+    nll, count, seen = 0.0, 0, 0
+    for batch in dataset.eval_batches(batch_size):
+        take = min(batch.tokens.shape[0], windows - seen)
+        if take <= 0:
+            break
+        tokens = batch.tokens[:take]
+        logits = model(tokens[:, :-1])
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                                     reduction="sum"))
+        count += tokens[:, 1:].numel()
+        seen += take
+        if on_batch is not None:
+            on_batch(tokens)
+    return math.exp(nll / max(count, 1))
+
+
 class Trainer:
     """One training run. ``out``: the run directory (must not hold another run unless ``resume``)."""
 
@@ -289,20 +311,13 @@ class Trainer:
         ppl = {}
         try:
             for d, name in enumerate(self.domains):
-                nll, count = 0.0, 0
-                for batch in self.heldout[name].eval_batches(mc.batch_size):
-                    take = min(batch.tokens.shape[0], self.config.eval_windows - count // mc.seq_len)
-                    if take <= 0:
-                        break
-                    tokens = batch.tokens[:take]
-                    logits = model(tokens[:, :-1])
-                    nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 tokens[:, 1:].reshape(-1), reduction="sum"))
-                    count += tokens[:, 1:].numel()
+                def record_routing(tokens, d=d):
                     dom = torch.full((tokens.shape[0] * mc.seq_len,), d, dtype=torch.int64)
                     for layer, ids in enumerate(model.layer_routing()):
                         load.add(layer, ids, dom)
-                ppl[name] = math.exp(nll / max(count, 1))
+
+                ppl[name] = heldout_perplexity(model, self.heldout[name], self.config.eval_windows,
+                                               mc.batch_size, on_batch=record_routing)
         finally:
             model.capture_routing(False)
             model.train()

@@ -111,3 +111,17 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
         Trainer(config(corpus, steps=4, lbl_weight=0.5), tmp_path / "run", resume=True)
     with pytest.raises(TrainingError, match="no checkpoint.json"):
         Trainer(config(corpus), tmp_path / "empty", resume=True)
+
+
+def test_quantized_checkpoint_keeps_heldout_perplexity(corpus, tmp_path):
+    from benchmarks import bench_quant_model as bench
+
+    trainer = Trainer(config(corpus, steps=8, balance="aux_free", eval_windows=4), tmp_path / "run")
+    trainer.run()
+    float_ppl = trainer.evaluate()["ppl"]
+    results = bench.evaluate(tmp_path / "run", ["w8", "w4"], windows=4)
+    # The served checkpoint (balancer state included) evaluates exactly as the trainer did.
+    assert results["float"]["ppl"] == pytest.approx(float_ppl, rel=1e-5)
+    assert results["w4"]["simulated"] > 0 and results["w4"]["ppl"] != results["float"]["ppl"]
+    assert abs(results["w8"]["increase_pct"]) < 1.0
+    assert abs(results["w4"]["increase_pct"]) < 10.0
