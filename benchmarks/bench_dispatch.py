@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import runtime
+    from dsl.reference import plan as reference_plan
     from dsl.reference import run as run_reference
     from dsl.trace import bind_shapes
 
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
     g = runtime.compile(linear_gelu, backend="torch")
     g(x, w, b)
     graph = g.variant([x, w, b], {}).graph
+    steps = reference_plan(graph)   # the direct path gets the same precomputed evaluation order
     t_op2, _ = median_time(lambda: g(x, w, b), args.repeats)
-    t_direct2, _ = median_time(lambda: run_reference(graph, [x, w, b], env), args.repeats)
+    t_direct2, _ = median_time(lambda: run_reference(graph, [x, w, b], env, steps), args.repeats)
     rows.append({"backend": "torch", "compiled_op_s": t_op2, "direct_s": t_direct2})
 
     print(f"{'backend':8} {'CompiledOp':>12} {'direct':>12} {'overhead':>12} {'ratio':>7}")

@@ -15,6 +15,7 @@ from dsl import autodiff
 from dsl import shapes as sh
 from dsl.errors import DSLError, KdslError
 from dsl.graph import Graph
+from dsl.reference import plan as reference_plan
 from dsl.reference import run as run_reference
 from dsl.trace import Op, bind_shapes
 
@@ -65,6 +66,7 @@ class _Variant:
         self.statics = statics
         self._program: TritonProgram | None = None
         self._bwd: _Variant | None = None
+        self._reference_plan: list | None = None
         self.custom_op = None
 
     @property
@@ -83,7 +85,9 @@ class _Variant:
         env = bind_shapes(self.graph, tensors, self.owner.name)
         backend = self.owner.backend_for(tensors)
         if backend == "torch":
-            outs = run_reference(self.graph, tensors, env)
+            if self._reference_plan is None:
+                self._reference_plan = reference_plan(self.graph)
+            outs = run_reference(self.graph, tensors, env, self._reference_plan)
         else:
             if tensors and tensors[0].device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise KdslError("the triton backend on CPU tensors needs Triton's interpreter: set "
