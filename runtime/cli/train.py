@@ -35,6 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>-<balance>-s<seed>)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint (same settings)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel ranks; launch with torchrun --nproc-per-node N -m runtime.cli train --dp N")
+    p.add_argument("--ep", type=int, default=1, help="shard the experts over the --dp ranks (give the same N)")
+    p.add_argument("--llep", action="store_true", help="least-loaded expert parallelism for the --ep dispatch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -50,13 +54,16 @@ def _train(args) -> int:
                          lbl_weight=args.lbl_weight, z_loss=args.z_loss, aux_free_rate=args.aux_free_rate,
                          topk_schedule=args.topk_schedule, accum=args.accum, eval_every=args.eval_every,
                          eval_windows=args.eval_windows, save_every=args.save_every, batch_size=args.batch_size,
-                         seq_len=args.seq_len, data_dir=str(args.data_dir) if args.data_dir else None)
+                         seq_len=args.seq_len, data_dir=str(args.data_dir) if args.data_dir else None,
+                         dp=args.dp, ep=args.ep, llep=args.llep)
     out = args.resume or args.out or Path("runs") / f"{args.preset}-{args.balance}-s{args.seed}"
     console = Console(stderr=True)
     t0 = time.perf_counter()
     trainer = Trainer(config, out, resume=args.resume is not None, log=console.print)
-    console.print(f"model: {trainer.model.num_parameters():,} parameters, balance={config.balance}, run dir {out}")
-    trainer.run(progress=not args.no_progress)
+    if trainer.rank != 0:   # rank 0 reports for the group
+        console = Console(stderr=True, quiet=True)
+    console.print(f"model: {trainer.num_parameters():,} parameters, balance={config.balance}, run dir {out}")
+    trainer.run(progress=not args.no_progress and trainer.rank == 0)
     ev = trainer.last_eval or trainer.evaluate()
     console.print(f"done in {time.perf_counter() - t0:.0f}s: held-out ppl "
                   + json.dumps({k: round(v, 2) for k, v in ev["ppl"].items()})

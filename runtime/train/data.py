@@ -339,6 +339,10 @@ class PackedDataset:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return np.asarray(ids, dtype=np.int64)
 
+    def batch_of(self, ids: Sequence[int]) -> Batch:
+        """The windows ``ids`` (global window ids, as next_global_ids gives them) as one batch."""
+        return self._take(ids)
+
     def next_batch(self) -> Batch:
         """This rank's share of the next global batch: ``batch_size // world_size`` windows."""
         ids = self.next_global_ids()

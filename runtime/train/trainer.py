@@ -60,6 +60,9 @@ class TrainConfig:
     seq_len: int | None = None
     data_dir: str | None = None
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    dp: int = 1                       # data-parallel ranks (the torchrun world)
+    ep: int = 1                       # 1, or the world: experts sharded over every rank
+    llep: bool = False                # least-loaded expert parallelism for the EP dispatch
 
     def validate(self) -> None:
         if self.balance not in BALANCE_METHODS:
@@ -74,6 +77,13 @@ class TrainConfig:
                 raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lbl_weight < 0 or self.z_loss < 0:
             raise TrainingError("--lbl-weight and --z-loss must be >= 0")
+        if self.dp < 1 or self.ep < 1:
+            raise TrainingError(f"--dp and --ep must be >= 1, got {self.dp} and {self.ep}")
+        if self.ep > 1 and self.ep != self.dp:
+            raise TrainingError(f"--ep {self.ep} must equal --dp {self.dp}: experts are sharded over every rank, "
+                                "each of which also trains on its own share of the batch")
+        if self.llep and self.ep == 1:
+            raise TrainingError("--llep needs expert parallelism (--ep N)")
 
     def model_config(self) -> MoEConfig:
         overrides = dict(self.model_overrides)
@@ -134,6 +144,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ trainer
 
+def init_distributed(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world) for ``config``: joins the torchrun process group when --dp/--ep ask for one."""
+    import os
+
+    import torch.distributed as dist
+
+    launched = dist.is_available() and (dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if config.dp == 1:
+        if launched and (dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])) > 1:
+            raise TrainingError("launched with several processes but --dp is 1; pass --dp N for N processes")
+        return 0, 1
+    if not launched:
+        raise TrainingError(f"--dp {config.dp} needs one process per rank: "
+                            f"torchrun --nproc-per-node {config.dp} -m runtime.cli train --dp {config.dp} ...")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    if world != config.dp:
+        raise TrainingError(f"--dp {config.dp} but {world} processes were launched")
+    return dist.get_rank(), world
+
+
 @torch.no_grad()
 def heldout_perplexity(model, dataset: PackedDataset, windows: int, batch_size: int, on_batch=None) -> float:
     """exp(mean next-token NLL) over the first ``windows`` sequences of ``dataset``.
@@ -175,9 +207,14 @@ class Trainer:
         elif (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists():
             raise TrainingError(f"{self.out} already holds a training run; use --resume {self.out} or another --out")
 
+        self.rank, self.world = init_distributed(config)
+        if mc.batch_size % (self.world * config.accum):
+            raise TrainingError(f"batch size {mc.batch_size} is not divisible across {self.world} rank(s) x "
+                                f"{config.accum} accumulation step(s)")
+        # Same seed on every rank: identical initial weights (experts are sharded from the same init).
         torch.manual_seed(config.seed)
         self.train_data = PackedDataset(data_dir, "train", seq_len=mc.seq_len, batch_size=mc.batch_size,
-                                        seed=config.seed)
+                                        seed=config.seed, rank=self.rank, world_size=self.world)
         if self.train_data.manifest["vocab_size"] > mc.vocab_size:
             raise TrainingError(f"the corpus has {self.train_data.manifest['vocab_size']} tokens but preset "
                                 f"'{config.preset}' has vocab_size {mc.vocab_size}")
@@ -185,6 +222,13 @@ class Trainer:
         self.heldout = {d: PackedDataset(data_dir, "heldout", seq_len=mc.seq_len, batch_size=mc.batch_size,
                                          seed=config.seed, domains=[d]) for d in self.domains}
         self.model = MoETransformer(mc, balance=config.balance, balance_options=config.balance_options())
+        self.expert_shards: set[int] = set()
+        if config.ep > 1:
+            from runtime.parallel.expert_parallel import LlepConfig
+
+            for layer in self.model.layers:
+                layer.moe.use_expert_parallel(None, LlepConfig() if config.llep else None)
+                self.expert_shards |= {id(layer.moe.w13), id(layer.moe.w2)}
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": mc.weight_decay},
@@ -196,23 +240,37 @@ class Trainer:
         self.maxvio = MaxVioTracker()
         self.last_eval: dict | None = None
         if resume:
+            if config.ep > 1:
+                raise TrainingError("--resume is not supported for --ep runs yet: their checkpoints hold the "
+                                    "gathered model for serving, not the sharded optimizer state")
             self._load_checkpoint()
             saved = json.loads((self.out / CHECKPOINT).read_text())
             if saved.get("train_config", {}) != {**dataclasses.asdict(config), "steps": saved["train_config"]["steps"]}:
                 raise TrainingError(f"--resume {self.out}: the run was started with other settings "
                                     f"({saved['train_config']}); resume with the same ones")
-            self._truncate_metrics()
-        else:
+            if self.rank == 0:
+                self._truncate_metrics()
+        elif self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_json(self.out / CONFIG, {"train": dataclasses.asdict(config), "model": mc.to_dict()})
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        if self.expert_shards:
+            # Collective: every rank contributes its experts; the checkpoint holds the whole model.
+            import torch.distributed as dist
+
+            for i, layer in enumerate(self.model.layers):
+                for name in ("w13", "w2"):
+                    shard = getattr(layer.moe, name).detach().contiguous()
+                    parts = [torch.empty_like(shard) for _ in range(self.world)]
+                    dist.all_gather(parts, shard)
+                    tensors[f"model.layers.{i}.moe.{name}"] = torch.cat(parts)
         if self.model_config.tie_embeddings:
             tensors.pop("model.lm_head.weight", None)
         opt = self.optimizer.state_dict()
-        for idx, state in opt["state"].items():
+        for idx, state in (opt["state"].items() if not self.expert_shards else ()):
             for name, value in state.items():
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).contiguous()
         for k, v in self.model.balancer_state().items():
@@ -225,6 +283,8 @@ class Trainer:
         tensors, meta = self._tensors()
         name = f"ckpt_{self.step:07d}.safetensors"
         path = self.out / name
+        if self.rank != 0:
+            return path
         atomic_write(path, lambda p: save_file(tensors, str(p)))
         previous = None
         if (self.out / CHECKPOINT).is_file():
@@ -298,6 +358,8 @@ class Trainer:
 
     # -- metrics -------------------------------------------------------------------------------------
     def _emit(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.out / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -336,12 +398,18 @@ class Trainer:
             group["lr"] = lr
         if self.schedule is not None:
             model.set_top_k([self.schedule(i, self.step, cfg.steps) for i in range(mc.n_layers)])
-        batch = self.train_data.next_batch()
-        micro = batch.tokens.shape[0] // cfg.accum
-        ce_sum, bal_sum = 0.0, 0.0
+        # Accumulation step i of the global batch is its i-th slice, split over the ranks: the ranks'
+        # micro-batches together are exactly one process's micro-batch, so global-batch balancing
+        # (counts accumulated over steps and ranks) sees the same counts at every step as one process.
+        ids = self.train_data.next_global_ids()
+        per_step = len(ids) // cfg.accum
+        per_rank = per_step // self.world
+        ce_sum, bal_sum, n_tokens = 0.0, 0.0, 0
         loads = torch.zeros(mc.n_layers, mc.num_experts, dtype=torch.int64)
         for i in range(cfg.accum):
-            tokens = batch.tokens[i * micro:(i + 1) * micro]
+            start = i * per_step + self.rank * per_rank
+            tokens = self.train_data.batch_of(ids[start:start + per_rank]).tokens
+            n_tokens += tokens[:, 1:].numel()
             logits = model(tokens[:, :-1])
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             bal = model.balance_loss()
@@ -349,7 +417,9 @@ class Trainer:
             ce_sum += float(ce.detach())
             bal_sum += float(bal.detach())
             loads += model.layer_loads()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if self.world > 1:
+            ce_sum, bal_sum = self._average_gradients(loads, ce_sum, bal_sum)
+        grad_norm = self._clip_gradients(1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         model.balancer_step()
@@ -358,8 +428,54 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return {"kind": "step", "step": self.step, "loss": ce_sum / cfg.accum, "lbl": bal_sum / cfg.accum,
                 "lr": lr, "grad_norm": grad_norm, "maxvio_batch": maxvio,
-                "maxvio_layers": self.maxvio.per_layer_last, "tokens_per_s": batch.tokens[:, 1:].numel() / seconds,
+                "maxvio_layers": self.maxvio.per_layer_last,
+                "tokens_per_s": n_tokens * self.world / seconds,
                 "seconds": seconds}
+
+    def _average_gradients(self, loads: torch.Tensor, ce_sum: float, bal_sum: float) -> tuple[float, float]:
+        """Data parallelism: the step's gradient is the mean over ranks of each rank's gradient.
+
+        Replicated parameters are all-reduced. A sharded expert already holds the sum over every
+        rank's tokens (the all-to-all's backward returned them), so it is only divided by the world.
+        Loads (for MaxVio) and the logged losses are reduced too; ``loads`` in place.
+        """
+        import torch.distributed as dist
+
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            if id(p) not in self.expert_shards:
+                dist.all_reduce(p.grad)
+            p.grad /= self.world
+        dist.all_reduce(loads)
+        sums = torch.tensor([ce_sum, bal_sum], dtype=torch.float64)
+        dist.all_reduce(sums)
+        return float(sums[0]) / self.world, float(sums[1]) / self.world
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (sharded experts counted on every rank that holds a shard)."""
+        sharded = sum(p.numel() for p in self.model.parameters() if id(p) in self.expert_shards)
+        return self.model.num_parameters() + (self.world - 1) * sharded
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Clip by the norm of the whole model's gradient; with sharded experts their squares are
+        summed over the ranks first, so every rank (and one process) clips by the same factor."""
+        if not self.expert_shards:
+            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        import torch.distributed as dist
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        squares = {True: torch.zeros((), dtype=torch.float64), False: torch.zeros((), dtype=torch.float64)}
+        for p in params:
+            squares[id(p) in self.expert_shards] += p.grad.double().pow(2).sum()
+        replicated, sharded = squares[False], squares[True]
+        dist.all_reduce(sharded)
+        norm = float((replicated + sharded).sqrt())
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1.0:
+            for p in params:
+                p.grad.mul_(scale)
+        return norm
 
     def run(self, *, stop_at: int | None = None, progress: bool = False) -> list[dict]:
         """Train until ``config.steps`` (or ``stop_at``, as if killed there); return the step records."""

@@ -6,32 +6,11 @@ import pytest
 
 from dsl.errors import TrainingError
 from runtime.cli import main as cli_main
-from runtime.train.data import build_corpus
-from runtime.train.sources import Document
-from runtime.train.trainer import CHECKPOINT, TrainConfig, Trainer, read_metrics
-
-MODEL = dict(vocab_size=320, dim=32, n_layers=2, n_heads=2, num_experts=4, top_k=2, expert_hidden=32,
-             lr=1e-2, warmup_steps=2, backend="torch")
+from runtime.train.trainer import CHECKPOINT, Trainer, read_metrics
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    # Two domains with distinct, highly repetitive text: an easy language to learn in a few steps.
-    code = [Document(f"c{i}", "def f(x):\n    return x + 1\n" * 40 + f"# {i}\n") for i in range(12)]
-    prose = [Document(f"p{i}", "The cat sat on the mat and looked at the dog. " * 40) for i in range(12)]
-    out = tmp_path_factory.mktemp("corpus")
-    build_corpus({"code": code, "prose": prose}, out, vocab_size=300, heldout_fraction=0.2)
-    return out
-
-
-def config(corpus, **kw):
-    base = dict(preset="tiny", balance="micro", steps=6, seed=1, batch_size=4, seq_len=16, eval_windows=4,
-                data_dir=str(corpus), model_overrides=MODEL)
-    return TrainConfig(**{**base, **kw})
-
-
-def test_training_reduces_loss_and_writes_metrics(corpus, tmp_path):
-    trainer = Trainer(config(corpus, steps=8, balance="global", accum=2), tmp_path / "run")
+def test_training_reduces_loss_and_writes_metrics(config, tmp_path):
+    trainer = Trainer(config(steps=8, balance="global", accum=2), tmp_path / "run")
     records = trainer.run()
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
@@ -56,12 +35,12 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("balance", ["aux_free", "bip"])
-def test_resume_is_bitwise_identical(corpus, tmp_path, balance):
+def test_resume_is_bitwise_identical(config, tmp_path, balance):
     cfg = dict(balance=balance, topk_schedule=True, steps=4)
-    full = Trainer(config(corpus, **cfg), tmp_path / "full").run()
-    killed = Trainer(config(corpus, save_every=2, **cfg), tmp_path / "killed")
+    full = Trainer(config(**cfg), tmp_path / "full").run()
+    killed = Trainer(config(save_every=2, **cfg), tmp_path / "killed")
     killed.run(stop_at=3)     # dies after step 3; the last checkpoint is step 2
-    resumed = Trainer(config(corpus, save_every=2, **cfg), tmp_path / "killed", resume=True)
+    resumed = Trainer(config(save_every=2, **cfg), tmp_path / "killed", resume=True)
     assert resumed.step == 2
     rest = resumed.run()
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
@@ -70,9 +49,9 @@ def test_resume_is_bitwise_identical(corpus, tmp_path, balance):
     assert steps == [1, 2, 3, 4]
 
 
-def test_corrupt_checkpoint_is_an_error_and_nothing_is_overwritten(corpus, tmp_path):
+def test_corrupt_checkpoint_is_an_error_and_nothing_is_overwritten(config, tmp_path):
     run = tmp_path / "run"
-    Trainer(config(corpus, steps=2), run).run()
+    Trainer(config(steps=2), run).run()
     record = json.loads((run / CHECKPOINT).read_text())
     tensors = run / record["tensors"]
     data = bytearray(tensors.read_bytes())
@@ -80,14 +59,14 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_overwritten(corpus, tmp_p
     tensors.write_bytes(bytes(data))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(TrainingError, match="corrupt checkpoint"):
-        Trainer(config(corpus, steps=4), run, resume=True)
+        Trainer(config(steps=4), run, resume=True)
     (run / CHECKPOINT).write_text("{not json")
     with pytest.raises(TrainingError, match="corrupt checkpoint"):
-        Trainer(config(corpus, steps=4), run, resume=True)
+        Trainer(config(steps=4), run, resume=True)
     (run / CHECKPOINT).write_text(json.dumps(record) + "\n")
     # starting a new run over an existing one is refused too
     with pytest.raises(TrainingError, match="already holds a training run"):
-        Trainer(config(corpus, steps=4), run)
+        Trainer(config(steps=4), run)
     after = {p.name: p.read_bytes() for p in run.iterdir()}
     assert after.keys() == before.keys()
     assert all(after[k] == before[k] for k in before if k != CHECKPOINT)
@@ -99,24 +78,24 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_overwritten(corpus, tmp_p
     (dict(accum=3), "not divisible into --accum 3"),
     (dict(steps=0), "--steps must be >= 1"),
 ])
-def test_bad_input(corpus, tmp_path, change, message):
+def test_bad_input(config, tmp_path, change, message):
     with pytest.raises(TrainingError, match=message):
-        Trainer(config(corpus, **change), tmp_path / "run")
+        Trainer(config(**change), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_other_settings_is_refused(corpus, tmp_path):
-    Trainer(config(corpus, steps=2), tmp_path / "run").run()
+def test_resume_with_other_settings_is_refused(config, tmp_path):
+    Trainer(config(steps=2), tmp_path / "run").run()
     with pytest.raises(TrainingError, match="other settings"):
-        Trainer(config(corpus, steps=4, lbl_weight=0.5), tmp_path / "run", resume=True)
+        Trainer(config(steps=4, lbl_weight=0.5), tmp_path / "run", resume=True)
     with pytest.raises(TrainingError, match="no checkpoint.json"):
-        Trainer(config(corpus), tmp_path / "empty", resume=True)
+        Trainer(config(), tmp_path / "empty", resume=True)
 
 
-def test_quantized_checkpoint_keeps_heldout_perplexity(corpus, tmp_path):
+def test_quantized_checkpoint_keeps_heldout_perplexity(config, tmp_path):
     from benchmarks import bench_quant_model as bench
 
-    trainer = Trainer(config(corpus, steps=8, balance="aux_free", eval_windows=4), tmp_path / "run")
+    trainer = Trainer(config(steps=8, balance="aux_free", eval_windows=4), tmp_path / "run")
     trainer.run()
     float_ppl = trainer.evaluate()["ppl"]
     results = bench.evaluate(tmp_path / "run", ["w8", "w4"], windows=4)
