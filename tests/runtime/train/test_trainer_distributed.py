@@ -62,3 +62,17 @@ def test_parallel_settings_are_checked(config, tmp_path):
     with pytest.raises(TrainingError, match="--llep needs"):
         Trainer(config(llep=True), tmp_path / "c")
     assert not any(tmp_path.iterdir())
+
+
+def _uneven_worker(rank, world, cfg, out):
+    try:
+        Trainer(cfg, out / "uneven")
+    except TrainingError as exc:
+        return str(exc)
+    return None
+
+
+def test_batch_not_divisible_across_ranks(config, tmp_path):
+    errors = run_local_group(_uneven_worker, 2, config(dp=2, batch_size=6, accum=2), tmp_path)
+    assert all("not divisible across 2 rank(s) x 2 accumulation step(s)" in e for e in errors)
+    assert not (tmp_path / "uneven").exists()
