@@ -17,6 +17,12 @@ os.environ.setdefault("KDSL_CACHE_DIR", os.path.join(_session_dir, "cache"))
 os.environ.setdefault("KDSL_DB", "sqlite:///" + os.path.join(_session_dir, "tuning.sqlite"))
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# The suite runs on two busy cores next to subprocess-heavy tests: wall-clock stalls there say
+# nothing about the code, so Hypothesis neither times examples nor fails on slow generation.
+settings.register_profile("kdsl", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kdsl")
 
 
 @pytest.fixture
