@@ -149,7 +149,10 @@ class ConfigResolver:
                 origin = f" record #{record.id}" if record.id is not None else " record (tuning_db/)"
                 return self._found(record, label, f"{label}{origin} for {record.device_name} {where}", notes)
 
-        command = tune_command(op_shape or shape, op_file, op_name)
+        # An op called with an empty dimension (zero tokens) still launches kernels over padded or
+        # bucketed problems; the command then names the kernel's own shape.
+        usable_op_shape = op_shape if op_shape and all(v >= 1 for v in op_shape.values()) else None
+        command = tune_command(usable_op_shape or shape, op_file, op_name)
         warn_key = (source_hash, key, self.device.fingerprint())
         if warn_key not in self._warned:
             self._warned.add(warn_key)
