@@ -2,8 +2,9 @@
 
 Loads a ``kdsl train`` run directory, evaluates per-domain held-out perplexity in float, then again
 after each ``--quant`` mode of ``kdsl serve`` (runtime.serve.loading.quantize_for_serving: every
-linear layer and every expert, round-to-nearest, group 128; embeddings, norms and routers stay
-float), each on a fresh copy of the checkpoint. Same windows, same run.
+linear layer and every expert, round-to-nearest, group 128, the experts packed as QuantExperts;
+embeddings, norms and routers stay float), each on a fresh copy of the checkpoint. Same windows,
+same run.
 
 Usage: ``kdsl bench quant_model RUN_DIR [--modes w8,w4] [--windows 32] [--max-increase 5]``.
 Exits 1 when a mode raises the average perplexity by more than ``--max-increase`` percent.

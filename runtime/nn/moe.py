@@ -111,6 +111,7 @@ class MoE(nn.Module):
         self.last_load = torch.zeros(num_experts, dtype=torch.int64)
         self.local_experts = range(num_experts)
         self.expert_parallel: ExpertParallelHook | None = None
+        self.quantized_experts = None      # QuantExperts after quantize_experts()
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
@@ -151,6 +152,39 @@ class MoE(nn.Module):
 
         self.set_expert_parallel(hook, local)
 
+    # -- quantized experts (inference) --------------------------------------------------------------
+    @torch.no_grad()
+    def quantize_experts(self, bits: int = 4, group_size: int = 128, method: str = "rtn", sym: bool = True,
+                         calib: torch.Tensor | None = None, **options) -> None:
+        """Replace ``w13``/``w2`` by packed quantized experts (runtime.nn.quant_experts.QuantExperts),
+        with QuantLinear.from_linear's options. GPTQ (``method="gptq"``) needs ``calib``, this layer's
+        input activations [..., dim]: each expert is calibrated on the tokens the router sends it
+        (all of them when it gets fewer than 16). Inference only: the float weights are dropped."""
+        from .quant_experts import QuantExperts
+
+        if self.expert_parallel is not None:
+            raise DSLError("quantize_experts: the experts are sharded for expert parallelism; quantize "
+                           "before calling use_expert_parallel")
+        if self.quantized_experts is not None:
+            raise DSLError("quantize_experts: the experts are already quantized")
+        per_expert = None
+        if method == "gptq":
+            if calib is None:
+                raise DSLError("quantize_experts(method='gptq') needs calib, activations [..., dim]")
+            x2 = calib.reshape(-1, self.dim)
+            _, ids = moe_ops.route(x2 @ self.router.weight.T, self.top_k, backend=self.backend,
+                                   **self._statics())
+            ids = ids.long()
+            per_expert = []
+            for e in range(self.num_experts):
+                rows = (ids == e).any(dim=-1)
+                per_expert.append(x2[rows] if int(rows.sum()) >= 16 else x2)
+        self.quantized_experts = QuantExperts.from_weights(self.w13, self.w2, calib=per_expert, bits=bits,
+                                                           group_size=group_size, method=method, sym=sym,
+                                                           backend=self.backend, **options)
+        self.w13 = None
+        self.w2 = None
+
     # -- forward ---------------------------------------------------------------------------------
     def _statics(self):
         return dict(router=self.router_kind, renormalize=self.renormalize, n_groups=self.n_groups,
@@ -171,7 +205,14 @@ class MoE(nn.Module):
                 probs0 = router_scores(x2 @ self.router.weight.T, self.router_kind)
             bias = self.balancer.selection_bias(probs0, k, self.training)
             bias = None if bias is None else bias.to(device=x.device, dtype=torch.float32).contiguous()
-        if self.expert_parallel is None:
+        if self.quantized_experts is not None:
+            if torch.is_grad_enabled() and self.training:
+                raise DSLError("MoE with quantized experts is for inference: call model.eval() or run "
+                               "under torch.no_grad()")
+            logits = x2 @ self.router.weight.T
+            weights, ids = moe_ops.route(logits, k, bias=bias, backend=self.backend, **self._statics())
+            y = self.quantized_experts(x2, ids.long(), weights)
+        elif self.expert_parallel is None:
             y, logits, ids = moe_ops.moe(x2, self.router.weight, self.w13, self.w2, k, bias=bias,
                                          backend=self.backend, return_routing=True, **self._statics())
         else:

@@ -128,42 +128,45 @@ def random_model(preset: str = "tiny", *, seed: int = 0, backend: str = "auto", 
 def quantize_for_serving(model, quant: str | None) -> dict:
     """Apply ``--quant`` (``w4``/``w8``, round-to-nearest, group-wise) and say what happened.
 
-    Linear layers called as modules become QuantLinear (packed weights, quantized kernels). Weights
-    the model's fused ops read as tensors (attention's qkv/o projections, the routed experts'
-    ``w13``/``w2`` stacks, the shared expert) cannot take a QuantLinear; they are rounded to the
-    int4/int8 grid and stored dequantized, so answers carry the quantization error while memory
-    and speed stay those of the float model. Embeddings and norms stay in float.
+    Linear layers called as modules become QuantLinear and the routed experts of every MoE layer
+    become packed QuantExperts (both dequantize inside their GEMM's K loop on a GPU): ``packed``.
+    Weights the model's fused ops read as tensors (attention's qkv/o projections, the shared
+    expert's gate/up/down) cannot take a QuantLinear; they are rounded to the int4/int8 grid and
+    stored dequantized (``simulated``), so answers carry their quantization error while their memory
+    stays that of the float model. Embeddings, norms and routers stay in float.
     """
     if quant in (None, "", "none"):
         return {"packed": 0, "simulated": 0}
     bits = {"w4": 4, "w8": 8}.get(quant)
     if bits is None:
         raise ServingError(f"unknown --quant '{quant}'; valid: none, w4, w8")
+    import math
+
     from torch import nn
 
+    from runtime.nn.moe import MoE
     from runtime.nn.quant_linear import quantize_model
     from runtime.quantize import quantize_rtn
 
     def group_for(k: int) -> int:
         return 128 if k % 128 == 0 else (64 if k % 64 == 0 else 32 if k % 32 == 0 else k)
 
-    simulated = 0
+    simulated = packed_experts = 0
     # Routers and the shared expert's score gate stay exact: they decide where tokens go.
     fused_names = ("qkv", "o_proj", "gate_proj", "up_proj", "down_proj")
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, MoE) and module.quantized_experts is None:
+                module.quantize_experts(bits=bits, group_size=group_for(math.gcd(module.dim, module.hidden)))
+                packed_experts += 1
+                continue
             leaf = name.rsplit(".", 1)[-1]
-            for pname, param in list(module.named_parameters(recurse=False)):
-                is_fused_linear = isinstance(module, nn.Linear) and leaf in fused_names
-                is_expert_stack = pname in ("w13", "w2") and param.dim() == 3
-                if not (is_fused_linear or is_expert_stack):
-                    continue
-                w = param.data
-                mats = w if w.dim() == 3 else w[None]
-                for e in range(mats.shape[0]):
-                    q = quantize_rtn(mats[e].float(), bits=bits, group_size=group_for(mats.shape[-1]))
-                    mats[e].copy_(q.dequantize().to(w.dtype))
-                simulated += 1
+            if not (isinstance(module, nn.Linear) and leaf in fused_names):
+                continue
+            w = module.weight.data
+            q = quantize_rtn(w.float(), bits=bits, group_size=group_for(w.shape[-1]))
+            w.copy_(q.dequantize().to(w.dtype))
+            simulated += 1
     read_as_tensor = (*fused_names, "router", "gate")
     fused = {n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in read_as_tensor}
@@ -171,7 +174,7 @@ def quantize_for_serving(model, quant: str | None) -> dict:
     packed = 0
     if any(isinstance(m, nn.Linear) and n not in fused and n != "lm_head" for n, m in model.named_modules()):
         packed = len(quantize_model(model, bits=bits, group_size=128, skip=skip))
-    return {"packed": packed, "simulated": simulated}
+    return {"packed": packed + packed_experts, "simulated": simulated}
 
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_checkpoint", "quantize_for_serving", "random_model"]
