@@ -210,14 +210,19 @@ def _vjp_attention(inputs, outputs, cts, causal, scale):
                      {"causal": causal, "scale": scale}))
 
 
+def _check_saved_forward(op: str, out, lse, dout, fwd_out, fwd_lse) -> None:
+    """A backward node's saved out/lse and incoming dout must have the forward's types."""
+    for name, t, want in (("out", out, fwd_out), ("lse", lse, fwd_lse), ("dout", dout, fwd_out)):
+        if t.rank != want.rank or t.dtype is not want.dtype:
+            raise ShapeError(f"{op}: {name} must be {want}, got {t}")
+        for axis, (a, b) in enumerate(zip(t.shape, want.shape)):
+            unify_dim(a, b, f"{op}: dim {axis} of {name}")
+
+
 def _infer_attention_bwd(types, attrs):
     q, k, v, out, lse, dout = types
     fwd_out, fwd_lse = _infer_attention([q, k, v], attrs)
-    for name, t, want in (("out", out, fwd_out), ("lse", lse, fwd_lse), ("dout", dout, fwd_out)):
-        if t.rank != want.rank or t.dtype is not want.dtype:
-            raise ShapeError(f"attention_bwd: {name} must be {want}, got {t}")
-        for axis, (a, b) in enumerate(zip(t.shape, want.shape)):
-            unify_dim(a, b, f"attention_bwd: dim {axis} of {name}")
+    _check_saved_forward("attention_bwd", out, lse, dout, fwd_out, fwd_lse)
     return q, k, v
 
 
@@ -318,11 +323,7 @@ def _vjp_varlen(inputs, outputs, cts, causal, scale, max_q, max_k):
 def _infer_varlen_bwd(types, attrs):
     q, k, v, cu_q, cu_k, out, lse, dout = types
     fwd_out, fwd_lse = _infer_varlen([q, k, v, cu_q, cu_k], attrs)
-    for name, t, want in (("out", out, fwd_out), ("lse", lse, fwd_lse), ("dout", dout, fwd_out)):
-        if t.rank != want.rank or t.dtype is not want.dtype:
-            raise ShapeError(f"attention_varlen_bwd: {name} must be {want}, got {t}")
-        for axis, (a, b) in enumerate(zip(t.shape, want.shape)):
-            unify_dim(a, b, f"attention_varlen_bwd: dim {axis} of {name}")
+    _check_saved_forward("attention_varlen_bwd", out, lse, dout, fwd_out, fwd_lse)
     return q, k, v
 
 

@@ -67,6 +67,15 @@ def _check_ids(t: TensorType, what: str = "ids"):
         raise ShapeError(f"{what} must be int32 or int64 expert indices, got {t.dtype.name}")
 
 
+def _check_per_slot(t, T, k, what: str) -> None:
+    """A float [T, k] tensor with one value per (token, slot) of the routing ids."""
+    _check_float(t, what)
+    if t.rank != 2:
+        raise ShapeError(f"{what} must be [T, k], got rank {t.rank}")
+    unify_dim(t.shape[0], T, f"tokens of {what} vs ids")
+    unify_dim(t.shape[1], k, f"slots of {what} vs ids")
+
+
 def _check_float(t: TensorType, what: str):
     if not t.dtype.is_float:
         raise ShapeError(f"{what} must be a floating-point tensor, got {t.dtype.name}")
@@ -327,12 +336,7 @@ def _infer_grouped(types, attrs, combine: bool):
     unify_dim(x.shape[-1], K, "the contraction dim: x's last vs the weights'")
     if combine:
         if attrs["weighted"]:
-            wt = types[3]
-            _check_float(wt, "routing weights")
-            if wt.rank != 2:
-                raise ShapeError(f"routing weights must be [T, k], got rank {wt.rank}")
-            unify_dim(wt.shape[0], T, "tokens of weights vs ids")
-            unify_dim(wt.shape[1], k, "top-k of weights vs ids")
+            _check_per_slot(types[3], T, k, "routing weights")
         return TensorType((T, N), dtype)
     return TensorType((T, k, N), dtype)
 
@@ -409,12 +413,7 @@ def _infer_dw(types, attrs):
         if t.rank == 3:
             unify_dim(t.shape[1], k, f"slots of {what} vs ids")
     if attrs["scaled"]:
-        s = types[3]
-        _check_float(s, "grouped_matmul_dw scale")
-        if s.rank != 2:
-            raise ShapeError(f"grouped_matmul_dw scale must be [T, k], got rank {s.rank}")
-        unify_dim(s.shape[0], T, "tokens of scale vs ids")
-        unify_dim(s.shape[1], k, "slots of scale vs ids")
+        _check_per_slot(types[3], T, k, "grouped_matmul_dw scale")
     return TensorType((attrs["E"], dy.shape[-1], x.shape[-1]), dtype)
 
 

@@ -169,6 +169,14 @@ def _epilogue(graph, group, anchor, indents=(4,)):
     return epi_refs, inputs, outputs, [printer.code(n) for n in indents]
 
 
+def _add_epilogue_strides(strides: dict, epi, outs, stride_of) -> None:
+    """Name the fused epilogue's operands in0.., out0.. in ``strides`` (the launchers' argument order)."""
+    for prefix, tensors in (("in", epi), ("out", outs)):
+        for i, t in enumerate(tensors):
+            strides[f"{prefix}{i}"] = stride_of(t)
+            strides["epilogue"].append(f"{prefix}{i}")
+
+
 def _precision(dtype) -> str:
     return "ieee" if dtype in (dt.f32, dt.f64) else "tf32"
 
@@ -259,12 +267,7 @@ def invoke_moe_gemm(module, rendered: Rendered, ins, outs, env, config):
     if mode == "swiglu_bwd":
         dh = extra[0]
         strides["dh"] = _slot_strides(dh)
-    for i, t in enumerate(epi):
-        strides[f"in{i}"] = _slot_strides(t)
-        strides["epilogue"].append(f"in{i}")
-    for i, t in enumerate(outs):
-        strides[f"out{i}"] = _slot_strides(t)
-        strides["epilogue"].append(f"out{i}")
+    _add_epilogue_strides(strides, epi, outs, _slot_strides)
     align = alignment(ids, E, config["BLOCK_M"])
     module.launch(x, w, align, scale, dh, epi, outs, strides, T * k, N, K, E, k, config)
 
@@ -311,12 +314,7 @@ def invoke_moe_wgrad(module, rendered: Rendered, ins, outs, env, config):
     if meta["scaled"]:
         scale = extra[0]
         strides["scale"] = (scale.stride(0), scale.stride(1))
-    for i, t in enumerate(epi):
-        strides[f"in{i}"] = tuple(t.stride())
-        strides["epilogue"].append(f"in{i}")
-    for i, t in enumerate(outs):
-        strides[f"out{i}"] = tuple(t.stride())
-        strides["epilogue"].append(f"out{i}")
+    _add_epilogue_strides(strides, epi, outs, lambda t: tuple(t.stride()))
     align = alignment(ids, E, config["BLOCK_M"])
     module.launch(x, dy, align, scale, epi, outs, strides, T * k, N, K, E, k, config)
 
@@ -404,12 +402,7 @@ def invoke_moe_combine(module, rendered: Rendered, ins, outs, env, config):
         return
     epi = [t.expand(outs[0].shape) for t in ins[2:]]
     strides = {"epilogue": []}
-    for i, t in enumerate(epi):
-        strides[f"in{i}"] = _slot_strides(t)
-        strides["epilogue"].append(f"in{i}")
-    for i, t in enumerate(outs):
-        strides[f"out{i}"] = _slot_strides(t)
-        strides["epilogue"].append(f"out{i}")
+    _add_epilogue_strides(strides, epi, outs, _slot_strides)
     module.launch(y, w, epi, outs, strides, config)
 
 
