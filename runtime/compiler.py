@@ -81,8 +81,9 @@ class _Variant:
             self._bwd = _Variant(self.owner, autodiff.grad(self.graph), self.statics)
         return self._bwd
 
-    def execute(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        env = bind_shapes(self.graph, tensors, self.owner.name)
+    def execute(self, tensors: list[torch.Tensor], env: dict[str, int] | None = None) -> list[torch.Tensor]:
+        if env is None:
+            env = bind_shapes(self.graph, tensors, self.owner.name)
         backend = self.owner.backend_for(tensors)
         if backend == "torch":
             if self._reference_plan is None:
@@ -154,14 +155,18 @@ class CompiledOp:
     # -- variants -------------------------------------------------------------------------------
     def variant(self, tensors, statics: dict) -> _Variant:
         """The trace for these input dtypes and static attributes (validated, cached)."""
-        graph, tensors, _env = self.op.bind(tensors, statics)
+        return self.bind_variant(tensors, statics)[0]
+
+    def bind_variant(self, tensors, statics: dict) -> tuple[_Variant, dict[str, int]]:
+        """The variant and the shape symbols these tensors bind (checked once per call)."""
+        graph, tensors, env = self.op.bind(tensors, statics)
         full = self.op.check_statics(statics)
         key = id(graph)
         with _lock:
             v = self._variants.get(key)
             if v is None:
                 v = self._variants[key] = _Variant(self, graph, full)
-        return v
+        return v, env
 
     # -- calling ----------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -233,7 +238,8 @@ def _empty_outputs(graph: Graph, tensors, name: str):
 @torch.library.custom_op("kdsl::call", mutates_args=())
 def _call(op: str, statics: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     compiled, kw = _lookup(op, statics)
-    return compiled.variant(inputs, kw).execute(list(inputs))
+    variant, env = compiled.bind_variant(inputs, kw)
+    return variant.execute(list(inputs), env)
 
 
 @_call.register_fake
