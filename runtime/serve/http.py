@@ -255,7 +255,7 @@ def create_app(engine: Engine, *, model_name: str = "kdsl", limits: ServerLimits
                            else "invalid_request_error") from None
         matcher = _StopStringMatcher(engine, job.stop_strings)
         if job.stream:
-            return StreamingResponse(_sse(engine, stream, matcher, rid, job, created),
+            return StreamingResponse(_sse(engine, stream, matcher, rid, job, created, request),
                                      media_type="text/event-stream")
         return await _collect(engine, stream, matcher, rid, job, request, limits)
 
@@ -307,13 +307,34 @@ async def _collect(engine: Engine, stream, matcher: _StopStringMatcher, rid: str
     return JSONResponse(body)
 
 
-async def _sse(engine: Engine, stream, matcher: _StopStringMatcher, rid: str, job: _Completion, created):
-    """Server-sent events; if the client goes away Starlette cancels this generator and the
-    ``finally`` cancels the request, freeing its KV blocks."""
+async def _next_event_or_disconnect(stream, request: Request, poll_s: float = 0.25):
+    """The request's next event, or None once the client has gone. Polled while waiting: a request
+    still queued or in a long prefill produces no events, and the server may drop writes to a
+    closed connection silently, so neither would reveal the hang-up."""
+    waiter = asyncio.ensure_future(stream.next_event())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=poll_s)
+            if done:
+                event = waiter.result()
+                return None if await request.is_disconnected() else event
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+
+
+async def _sse(engine: Engine, stream, matcher: _StopStringMatcher, rid: str, job: _Completion, created,
+               request: Request):
+    """Server-sent events. A client that goes away stops the stream (see _next_event_or_disconnect)
+    and the ``finally`` cancels the request, freeing its KV blocks."""
     done = False
     try:
         while True:
-            event = await stream.next_event()
+            event = await _next_event_or_disconnect(stream, request)
+            if event is None:
+                return
             if isinstance(event, FinishEvent):
                 done = True
                 reason = _finish_reason(event.reason)

@@ -149,19 +149,39 @@ def test_64_concurrent_clients_match_engine_alone(server, tiny_model):
     wait_idle(url)
 
 
-def test_client_disconnect_cancels_and_frees_blocks(server):
+def test_client_disconnect_cancels_and_frees_blocks(server, monkeypatch):
     url, engine = server
     idle = wait_idle(url)
-    cancelled_before = engine.metrics.finished.labels(reason="cancelled")._value.get()
-    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                      json={"prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": 48, "temperature": 0,
-                            "stream": True}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                break   # one token, then hang up
+    cancelled = engine.metrics.finished.labels(reason="cancelled")
+    cancelled_before = cancelled._value.get()
+    # Pause the engine once the request has its first token, so it cannot finish before the hang-up
+    # is noticed (a tiny model on CPU writes 48 tokens faster than a client reads the first one).
+    resume = threading.Event()
+    step = engine.step
+
+    def paused_step():
+        n = step()
+        if any(r.output_token_ids for r in list(engine.core.live.values())):
+            resume.wait(30)
+        return n
+
+    monkeypatch.setattr(engine, "step", paused_step)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": 48, "temperature": 0,
+                                "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    break   # one token, then hang up
+        deadline = time.monotonic() + 20
+        while cancelled._value.get() == cancelled_before:   # noticed while no event is coming
+            assert time.monotonic() < deadline, "the disconnected request was not cancelled"
+            time.sleep(0.05)
+    finally:
+        resume.set()
     after = wait_idle(url)
     assert after["kv_blocks_used"] == idle["kv_blocks_used"] == 0
-    assert engine.metrics.finished.labels(reason="cancelled")._value.get() == cancelled_before + 1
+    assert cancelled._value.get() == cancelled_before + 1
     engine.blocks.check_invariants()
 
 
