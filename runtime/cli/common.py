@@ -66,3 +66,17 @@ def parse_dtype(name: str):
     if name not in dt.ALL:
         raise KdslError(f"unknown dtype '{name}' (choose from {', '.join(dt.ALL)})")
     return dt.ALL[name]
+
+
+def add_slo_arguments(parser, *, abort_help: str) -> None:
+    """The serving SLO (the Past-Future paper's defaults) and whether to drop requests that miss it."""
+    parser.add_argument("--slo-ttft", type=float, default=10.0, help="SLO: time to first token in s (default 10)")
+    parser.add_argument("--slo-gap", type=float, default=1.5,
+                        help="SLO: largest gap between two output tokens in s (default 1.5)")
+    parser.add_argument("--abort-missed", action="store_true", help=abort_help)
+
+
+def slo_from_args(args):
+    from runtime.serve.request import SLO
+
+    return SLO(args.slo_ttft, args.slo_gap)

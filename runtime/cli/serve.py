@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dsl.errors import KdslError
+from runtime.cli.common import add_slo_arguments, slo_from_args
 
 
 def register(sub) -> None:
@@ -31,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton"],
                    help="kernel backend of the model's ops (default: torch)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_slo_arguments(p, abort_help="drop a request (HTTP 503, or finish_reason 'abort' when streaming) as "
+                                    "soon as it misses the SLO, to keep serving the others under overload")
     p.add_argument("--model-name", default=None, help="model id in the API (default: from the checkpoint)")
     p.set_defaults(func=run)
 
@@ -61,7 +64,8 @@ def run(args) -> int:
               f"{done['simulated']} fused weights rounded to the {args.quant} grid and kept dequantized")
     model = model.to(args.device)
     engine = Engine(model, tokenizer, scheduler=args.scheduler, num_blocks=args.num_blocks,
-                    block_size=args.block_size, max_model_len=args.max_model_len, device=args.device)
+                    block_size=args.block_size, max_model_len=args.max_model_len, device=args.device,
+                    abort_missed=slo_from_args(args) if args.abort_missed else None)
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit)
     print(f"kdsl serve: model '{args.model_name or name}' on http://{args.host}:{args.port} "
           f"({args.scheduler}, {args.num_blocks} x {args.block_size} KV slots)")

@@ -7,6 +7,7 @@ import math
 import sys
 
 from dsl.errors import ServingError
+from runtime.cli.common import add_slo_arguments, slo_from_args
 
 
 def _rates(text: str) -> list[float]:
@@ -49,6 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="disable the prefix cache: released blocks are not kept, so recompute after "
                         "preemption costs a full prefill")
+    add_slo_arguments(p, abort_help="the engine drops each request as soon as it misses the SLO (an SLA-bound "
+                                    "server, as in the Past-Future paper's evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of past-future's sampling (default 0)")
     p.add_argument("--out", default="simulate_out", help="directory for simulate.json and goodput_vs_rate.png")
     p.set_defaults(func=run)
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     results = sweep(trace, model, device, names, rates, progress=progress, block_size=args.block_size,
                     max_tokens=args.max_tokens, scheduler_config=config, num_blocks=args.kv_blocks,
-                    enable_prefix_caching=not args.no_prefix_cache)
+                    enable_prefix_caching=not args.no_prefix_cache, slo=slo_from_args(args),
+                    abort_missed=args.abort_missed)
 
     table = Table(title=f"{trace.name} on {device.name}, {model.name}", box=box.SIMPLE_HEAD)
     table.add_column("scheduler", no_wrap=True, min_width=15)

@@ -31,7 +31,7 @@ from dsl.errors import ServingError
 from runtime.serve.block_manager import BlockManager
 from runtime.serve.engine_core import EngineCore, FinishEvent, TokenEvent
 from runtime.serve.executor import KVGeometry, ModelExecutor
-from runtime.serve.request import Request, SamplingParams
+from runtime.serve.request import SLO, Request, SamplingParams
 from runtime.serve.scheduler import SchedulerConfig, get_scheduler
 
 
@@ -82,13 +82,14 @@ class RequestStream:
 
 class Engine:
     """A model, a tokenizer (optional: ``encode(str) -> list[int]``, ``decode(list[int]) -> str``),
-    a scheduler policy and a paged KV cache of ``num_blocks`` x ``block_size`` tokens."""
+    a scheduler policy and a paged KV cache of ``num_blocks`` x ``block_size`` tokens. With
+    ``abort_missed`` (an SLO) a request is dropped once it has missed its latency targets."""
 
     def __init__(self, model, tokenizer=None, scheduler: str = "past-future", *, num_blocks: int = 256,
                  block_size: int = 16, max_tokens_per_step: int = 256, max_running: int = 64,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  geometry: KVGeometry | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", seed: int = 0, metrics=None):
+                 device: str | torch.device = "cpu", seed: int = 0, metrics=None, abort_missed: SLO | None = None):
         self.model = model.eval() if hasattr(model, "eval") else model
         self.tokenizer = tokenizer
         self.scheduler_name = scheduler
@@ -101,7 +102,7 @@ class Engine:
         if model_len is None and config_len:
             model_len = int(config_len)
         self.core = EngineCore(get_scheduler(scheduler, config), self.blocks, self.executor,
-                               clock=time.monotonic, max_model_len=model_len)
+                               clock=time.monotonic, max_model_len=model_len, abort_missed=abort_missed)
         self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.metrics = metrics
         self._lock = threading.RLock()

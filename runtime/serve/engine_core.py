@@ -14,7 +14,7 @@ from typing import Protocol
 
 from dsl.errors import ServingError
 from runtime.serve.block_manager import BlockManager
-from runtime.serve.request import Request, RequestState
+from runtime.serve.request import SLO, Request, RequestState
 from runtime.serve.scheduler import Scheduler, StepPlan
 
 
@@ -40,7 +40,7 @@ class TokenEvent:
 @dataclasses.dataclass(frozen=True)
 class FinishEvent:
     request_id: str
-    reason: str         # "stop" | "length" | "cancelled"
+    reason: str         # "stop" | "length" | "cancelled" | "slo" (aborted past its deadline)
     time: float
 
 
@@ -57,10 +57,17 @@ class EngineCore:
 
     ``clock``: a function returning seconds (e.g. ``time.monotonic``) for a real engine; without one
     the engine keeps a virtual clock that advances by each step's reported seconds (simulation).
+
+    ``abort_missed``: an SLO under which the engine gives up on a request as soon as it has missed
+    it (no first token by the TTFT limit, or a gap since its last token over the limit), frees its
+    blocks and ends it with reason "slo". Work on a request that can no longer count toward goodput
+    only delays the others; an SLA-bound server drops it, as LightLLM's does in the Past-Future
+    evaluation. Off by default: every request runs to its end.
     """
 
     def __init__(self, scheduler: Scheduler, block_manager: BlockManager, executor: Executor, *,
-                 clock: Callable[[], float] | None = None, max_model_len: int | None = None):
+                 clock: Callable[[], float] | None = None, max_model_len: int | None = None,
+                 abort_missed: SLO | None = None):
         self.scheduler = scheduler
         self.blocks = block_manager
         self.executor = executor
@@ -70,7 +77,9 @@ class EngineCore:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.live: dict[str, Request] = {}
+        self.abort_missed = abort_missed
         self.num_preemptions = 0
+        self.num_slo_aborts = 0
         self.num_steps = 0
         self.on_finish: list[Callable[[Request], None]] = []   # observers (metrics, servers)
 
@@ -112,6 +121,26 @@ class EngineCore:
         req.transition(RequestState.CANCELLED, self.now())
         return True
 
+    def _abort_missed(self, now: float) -> list[FinishEvent]:
+        slo = self.abort_missed
+        late = [r for r in self.live.values() if slo.missed(r, now)]
+        if not late:
+            return []
+        gone = {id(r) for r in late}
+        self.waiting = collections.deque(r for r in self.waiting if id(r) not in gone)
+        self.running = [r for r in self.running if id(r) not in gone]
+        events = []
+        for req in late:
+            del self.live[req.request_id]
+            self.blocks.free(req)
+            req.transition(RequestState.CANCELLED, now)
+            req.finish_reason = "slo"
+            events.append(FinishEvent(req.request_id, "slo", now))
+            for observer in self.on_finish:
+                observer(req)
+        self.num_slo_aborts += len(late)
+        return events
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.live)
@@ -127,10 +156,11 @@ class EngineCore:
     # --- the step ----------------------------------------------------------------------------
     def step(self) -> StepResult:
         start = self.now()
+        aborted = self._abort_missed(start) if self.abort_missed is not None else []
         plan = self.scheduler.schedule(self.waiting, self.running, self.blocks, start)
         self.num_preemptions += len(plan.preempted)
         if plan.is_empty:
-            return StepResult(plan, [], 0.0, start)
+            return StepResult(plan, aborted, 0.0, start)
         samplers = plan.sampling_requests()
         tokens, seconds = self.executor.execute(plan)
         if self._clock is None:
@@ -158,7 +188,7 @@ class EngineCore:
             else:
                 req.layer_groups_done += 1
 
-        events: list[TokenEvent | FinishEvent] = []
+        events: list[TokenEvent | FinishEvent] = aborted
         finished: list[Request] = []
         for req in samplers:
             token = tokens[req.request_id]

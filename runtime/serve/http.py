@@ -269,7 +269,7 @@ def _chunk(rid: str, model: str, text: str, token_ids: list[int], finish: str | 
 
 
 def _finish_reason(reason: str | None) -> str | None:
-    return {"stop": "stop", "length": "length", "cancelled": "abort"}.get(reason, reason)
+    return {"stop": "stop", "length": "length", "cancelled": "abort", "slo": "abort"}.get(reason, reason)
 
 
 async def _collect(engine: Engine, stream, matcher: _StopStringMatcher, rid: str, job: _Completion,
@@ -286,6 +286,10 @@ async def _collect(engine: Engine, stream, matcher: _StopStringMatcher, rid: str
                     return JSONResponse({}, status_code=499)   # nobody reads it; the finally cancels
                 continue
             if isinstance(event, FinishEvent):
+                if event.reason == "slo":
+                    raise APIError(503, "the server is overloaded: the request missed its latency target "
+                                        "and was dropped (kdsl serve --abort-missed); retry later",
+                                   type_="server_overloaded")
                 reason = _finish_reason(event.reason)
                 text += matcher.flush()
                 break

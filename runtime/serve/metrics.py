@@ -18,16 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from runtime.serve.engine_core import FinishEvent, TokenEvent
-from runtime.serve.request import Request, RequestState
-
-
-@dataclasses.dataclass(frozen=True)
-class SLO:
-    ttft_s: float = 10.0
-    max_gap_s: float = 1.5
-
-    def scaled(self, factor: float) -> SLO:
-        return SLO(self.ttft_s * factor, self.max_gap_s * factor)
+from runtime.serve.request import SLO, Request, RequestState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,31 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SLO:
+    """Latency targets of a request: time to first token and the largest gap between two tokens."""
+
+    ttft_s: float = 10.0
+    max_gap_s: float = 1.5
+
+    def __post_init__(self):
+        for field in ("ttft_s", "max_gap_s"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ServingError(f"SLO {field} must be a positive number of seconds, got {value!r}")
+
+    def scaled(self, factor: float) -> SLO:
+        return SLO(self.ttft_s * factor, self.max_gap_s * factor)
+
+    def missed(self, request: Request, now: float) -> bool:
+        """True when ``request`` can no longer meet the targets: no first token by the TTFT limit,
+        or no next token within the gap limit of its last one."""
+        times = request.token_times
+        if not times:
+            return now - request.arrival_time > self.ttft_s
+        return now - times[-1] > self.max_gap_s
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"        # arrived, holds no KV blocks
     RUNNING = "running"        # admitted: holds KV blocks, prefilling or decoding
@@ -94,7 +119,7 @@ class Request:
         self.token_times: list[float] = []
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.finish_reason: str | None = None     # "stop" | "length" | "cancelled"
+        self.finish_reason: str | None = None     # "stop" | "length" | "cancelled" | "slo"
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.admitted_time: float | None = None   # last admission; newest-first preemption uses it

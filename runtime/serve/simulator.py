@@ -309,14 +309,16 @@ def simulate(trace: Trace, model: str | ModelConfig, device: str | Device, sched
              rate: float | None = None, *, num_requests: int | None = None, max_tokens: int | None = None,
              block_size: int = 16, scheduler_config: SchedulerConfig | None = None, slo: SLO | None = None,
              cost: CostParams = CostParams(), num_blocks: int | None = None,
-             enable_prefix_caching: bool = True, check_invariants: bool = False) -> SimulationResult:
+             enable_prefix_caching: bool = True, abort_missed: bool = False,
+             check_invariants: bool = False) -> SimulationResult:
     """Replay ``trace`` (its first ``num_requests``, at ``rate`` requests/s if given) through the
     engine with the step-time model of ``model`` on ``device``; returns the run's metrics.
 
     ``max_tokens`` is each request's cap (default: the smallest power of two >= the trace's longest
     output). ``num_blocks`` overrides the KV capacity computed from the device memory. Without
     ``enable_prefix_caching`` no block is shared or kept after release, so a preempted request pays
-    its full recompute (as engines without a prefix cache do).
+    its full recompute (as engines without a prefix cache do). With ``abort_missed`` the engine drops
+    each request the moment it has missed the SLO (see ``EngineCore``), as an SLA-bound server does.
     """
     model = get_model_config(model)
     device = resolve_device(device)
@@ -331,7 +333,9 @@ def simulate(trace: Trace, model: str | ModelConfig, device: str | Device, sched
     cap = max_tokens or _default_max_tokens(trace)
     lengths = {f"r{i}": min(r.output_len, cap) for i, r in enumerate(trace.requests)}
     executor = SimulatedExecutor(model, device, lengths, cost=cost)
-    engine = EngineCore(sched, blocks, executor)
+    slo = slo or SLO()
+    engine = EngineCore(sched, blocks, executor,
+                        abort_missed=slo.scaled(trace.time_scale) if abort_missed else None)
     records: list[RequestRecord] = []
     engine.on_finish.append(lambda req: records.append(RequestRecord.from_request(req)))
 
@@ -361,7 +365,7 @@ def simulate(trace: Trace, model: str | ModelConfig, device: str | Device, sched
                 raise ServingError(f"simulation stalled: {engine.num_waiting} requests wait but none can be "
                                    f"scheduled ({sched.name}, {num_blocks} blocks)")
             engine.advance_to(arrivals[i])
-    metrics = summarize(records, slo or SLO(), time_scale=trace.time_scale, num_preemptions=engine.num_preemptions)
+    metrics = summarize(records, slo, time_scale=trace.time_scale, num_preemptions=engine.num_preemptions)
     return SimulationResult(sched.name, trace.rate, model.name, device.name, num_blocks, block_size,
                             num_blocks * block_size, metrics, engine.num_steps, executor.busy_seconds,
                             time.perf_counter() - started, records)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from dsl.errors import ServingError
 from runtime.serve.block_manager import BlockManager
 from runtime.serve.engine_core import EngineCore, FinishEvent, TokenEvent
-from runtime.serve.request import Request, RequestState, SamplingParams
+from runtime.serve.request import SLO, Request, RequestState, SamplingParams
 from runtime.serve.scheduler import SchedulerConfig, get_scheduler
 
 STOP = 0
@@ -104,6 +104,54 @@ def test_cancel_returns_blocks_to_idle():
     assert engine.cancel("r0") and engine.cancel("r2")
     assert blocks.num_free == idle and not engine.has_unfinished
     blocks.check_invariants()
+
+
+def test_abort_missed_drops_late_requests_and_frees_their_blocks():
+    # Each step takes 0.01 s. With a 16-token budget and 12-token prompts one request prefills per
+    # step, so under a TTFT limit of 0.025 s the fourth request in the queue can no longer make it.
+    lengths = {f"r{i}": 6 for i in range(6)}
+    blocks = BlockManager(64, 4)
+    engine = EngineCore(get_scheduler("aggressive", SchedulerConfig(max_tokens_per_step=16)), blocks,
+                        FakeExecutor(blocks, lengths), abort_missed=SLO(ttft_s=0.025, max_gap_s=1.0))
+    seen = []
+    engine.on_finish.append(lambda r: seen.append((r.request_id, r.finish_reason)))
+    reqs = [Request(f"r{i}", list(range(i, i + 12)), SamplingParams(max_tokens=6, stop_token_ids=(STOP,)))
+            for i in range(6)]
+    for r in reqs:
+        engine.add_request(r)
+    events = []
+    while engine.has_unfinished:
+        events += engine.step().events
+        blocks.check_invariants()
+    slo = {e.request_id for e in events if isinstance(e, FinishEvent) and e.reason == "slo"}
+    assert slo and len(slo) < 6 and engine.num_slo_aborts == len(slo)
+    for r in reqs:
+        if r.request_id in slo:    # dropped before its first token: it holds nothing
+            assert r.state is RequestState.CANCELLED and r.finish_reason == "slo" and not r.output_token_ids
+        else:                      # the rest ran to their end, unchanged
+            assert r.output_token_ids == reference_output(r.prompt_token_ids, 6, 6)
+    assert sorted(seen) == sorted((r.request_id, r.finish_reason) for r in reqs)
+    assert blocks.num_free == blocks.num_blocks
+
+
+def test_abort_missed_drops_a_request_stalled_past_the_gap_limit():
+    blocks = BlockManager(64, 4)
+    engine = EngineCore(get_scheduler("aggressive"), blocks, FakeExecutor(blocks, {"a": 50}),
+                        abort_missed=SLO(ttft_s=10.0, max_gap_s=0.5))
+    req = Request("a", [1, 2, 3], SamplingParams(max_tokens=50, stop_token_ids=(STOP,)))
+    engine.add_request(req)
+    engine.step()
+    engine.step()
+    assert req.num_output_tokens == 2 and blocks.num_free < blocks.num_blocks
+    engine.advance_to(engine.now() + 0.6)      # e.g. preempted and waiting for memory
+    result = engine.step()
+    assert [(e.request_id, e.reason) for e in result.events] == [("a", "slo")]
+    assert result.plan.is_empty and not engine.has_unfinished and blocks.num_free == blocks.num_blocks
+
+
+def test_slo_rejects_non_positive_limits():
+    with pytest.raises(ServingError, match="max_gap_s"):
+        SLO(10.0, 0)
 
 
 def test_executor_must_answer_exactly_the_sampling_requests():

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from runtime.serve.engine import Engine  # noqa: E402
 from runtime.serve.http import ServerLimits, create_app  # noqa: E402
-from runtime.serve.request import SamplingParams  # noqa: E402
+from runtime.serve.request import SLO, SamplingParams  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."   # 64 = the tiny vocab
 
@@ -212,6 +212,23 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, payload, s
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 1, "temperature": 0},
                     timeout=60)
     assert ok.status_code == 200
+
+
+def test_abort_missed_answers_503_and_frees_blocks(tiny_model):
+    # A TTFT target no request can meet: every request is dropped before its first token.
+    engine = Engine(tiny_model, CharTokenizer(), scheduler="past-future", num_blocks=64, block_size=4,
+                    max_model_len=64, abort_missed=SLO(ttft_s=1e-9, max_gap_s=1.5))
+    app = create_app(engine, model_name=MODEL, limits=LIMITS)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_overloaded"
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": [1, 2, 3], "max_tokens": 4, "stream": True}) as s:
+            events = sse_events(s.iter_lines())
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        assert engine.metrics.finished.labels(reason="slo")._value.get() == 2
+        engine.shutdown(drain=True, timeout=10)
+    assert engine.blocks.num_used_blocks == 0
 
 
 def test_unknown_route_and_shutdown_rejects_cleanly(tiny_model):

@@ -6,7 +6,7 @@ import pytest
 from autotune.devices import get_device
 from dsl.errors import ServingError
 from runtime.cli import main as kdsl_main
-from runtime.serve.request import Request, RequestState, SamplingParams
+from runtime.serve.request import SLO, Request, RequestState, SamplingParams
 from runtime.serve.scheduler import PrefillChunk, StepPlan
 from runtime.serve.simulator import (
     CostParams,
@@ -104,6 +104,21 @@ def test_small_simulation_finishes_every_request(policy):
     assert res.rate == pytest.approx(40.0) and res.busy_seconds > 0
 
 
+def test_abort_missed_accounts_for_every_request():
+    # Overload a small cache: requests that miss the SLO are dropped, never half-counted.
+    trace = synthetic_trace()
+    slo = SLO(ttft_s=0.5, max_gap_s=0.2)
+    res = simulate(trace, "mixtral-8x7b", "h100", "aggressive", rate=200.0, num_blocks=1500 // 16, slo=slo,
+                   abort_missed=True, check_invariants=True)
+    reasons = [r.finish_reason for r in res.records]
+    assert len(reasons) == 60 and set(reasons) <= {"stop", "length", "slo"} and "slo" in reasons
+    for r in res.records:
+        if r.finish_reason == "slo":
+            assert r.finish_time - (r.token_times[-1] if r.token_times else r.arrival) > (
+                slo.max_gap_s if r.token_times else slo.ttft_s)
+    assert res.metrics.num_finished == reasons.count("stop") + reasons.count("length")
+
+
 def test_rejected_requests_are_counted_not_run():
     trace = Trace("t", (TraceRequest(0.0, 10, 5), TraceRequest(0.1, 5000, 5)))
     res = simulate(trace, "mixtral-8x7b", "h100", "aggressive", num_blocks=64)
@@ -134,6 +149,11 @@ def test_cli_simulate(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and "goodput" in text and "past-future / aggressive goodput at 8.00 req/s" in text
     assert (out / "simulate.json").exists() and (out / "goodput_vs_rate.png").exists()
+    rc = kdsl_main(["simulate", "--trace", str(trace), "--model", "qwen-moe", "--scheduler", "aggressive",
+                    "--rates", "40", "--abort-missed", "--slo-ttft", "0.2", "--out", str(out)])
+    assert rc == 0 and json.loads((out / "simulate.json").read_text())["runs"][0]["metrics"]["slo"]["ttft_s"] == 0.2
+    assert kdsl_main(["simulate", "--trace", str(trace), "--slo-gap", "0"]) == 2
+    assert "max_gap_s must be a positive number" in capsys.readouterr().err
     assert kdsl_main(["simulate", "--trace", str(trace), "--scheduler", "fifo"]) == 2
     assert kdsl_main(["simulate", "--trace", str(trace), "--rates", "1,x"]) == 2
     assert "--rates must be" in capsys.readouterr().err
