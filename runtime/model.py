@@ -157,9 +157,24 @@ class MoETransformer(nn.Module):
         if kv_cache is not None and len(kv_cache) != len(self.layers):
             raise TrainingError(f"MoETransformer: kv_cache has {len(kv_cache)} layer caches for "
                                 f"{len(self.layers)} layers")
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if kv_cache is None else kv_cache[i])
+        x = self.run_layers(self.embed(tokens), positions, kv_cache, 0, len(self.layers))
+        return self.logits(x)
+
+    # -- staged forward (layered prefill runs a prompt through a few layers per engine step) ------
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, dim] hidden states entering layer 0."""
+        return self.embed(tokens)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None, kv_cache: Sequence[KVCache] | None,
+                   start: int, stop: int) -> torch.Tensor:
+        """Hidden states through layers ``[start, stop)``; ``kv_cache`` holds one cache per layer of
+        the whole model."""
+        for i in range(start, stop):
+            x = self.layers[i](x, positions, None if kv_cache is None else kv_cache[i])
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the last layer -> [B, S, vocab] logits."""
         x = self.norm(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         b, s, d = x.shape

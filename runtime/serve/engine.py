@@ -89,14 +89,18 @@ class Engine:
                  block_size: int = 16, max_tokens_per_step: int = 256, max_running: int = 64,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  geometry: KVGeometry | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", seed: int = 0, metrics=None, abort_missed: SLO | None = None):
+                 device: str | torch.device = "cpu", seed: int = 0, metrics=None, abort_missed: SLO | None = None,
+                 num_layer_groups: int | None = None):
         self.model = model.eval() if hasattr(model, "eval") else model
         self.tokenizer = tokenizer
         self.scheduler_name = scheduler
-        config = SchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, seed=seed)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.executor = ModelExecutor(model, self.blocks, geometry=geometry, dtype=dtype, device=device,
                                       seed=seed)
+        # Layered prefill: at most one group per layer (an empty group would only add a step).
+        groups = num_layer_groups or min(SchedulerConfig.num_layer_groups, self.executor.geometry.n_layers)
+        config = SchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, seed=seed,
+                                 num_layer_groups=groups)
         model_len = max_model_len
         config_len = getattr(getattr(model, "config", None), "max_seq_len", None)
         if model_len is None and config_len:

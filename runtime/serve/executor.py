@@ -15,8 +15,11 @@ A model is anything with ``forward(tokens [B, S], positions [B, S], kv_cache=[on
 layer]) -> logits [B, S, vocab]`` plus the geometry (``n_layers``, ``n_kv_heads``, ``head_dim``)
 either as attributes of ``model.config`` or passed explicitly.
 
-Layered prefill: a chunk that runs layer group g of G is computed in full when its last group comes
-(results are identical; the per-group cost split only matters to the simulator's step-time model).
+Layered prefill: a chunk that runs layer group g of G goes through that group's layers only
+(``model.embed_tokens`` / ``run_layers`` / ``logits``); its hidden states wait here for the next
+step's group, so a long prompt costs each step a share of the layers and decodes keep their pace. A
+model without the staged methods computes the chunk in full when its last group comes (same tokens,
+no latency benefit).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import torch
 from dsl.errors import ServingError
 from runtime.nn.attention import write_paged
 from runtime.serve.block_manager import BlockManager
-from runtime.serve.request import Request
+from runtime.serve.request import Request, RequestState
 from runtime.serve.sampling import sample_tokens
-from runtime.serve.scheduler import StepPlan
+from runtime.serve.scheduler import PrefillChunk, StepPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,9 @@ class ModelExecutor:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.num_forward_calls = 0
+        self.staged = all(callable(getattr(model, m, None)) for m in ("embed_tokens", "run_layers", "logits"))
+        # Layered prefill in flight: request id -> (request, hidden states [1, S, dim] after its last group).
+        self._partial: dict[str, tuple[Request, torch.Tensor]] = {}
 
     @property
     def kv_bytes(self) -> int:
@@ -103,15 +109,22 @@ class ModelExecutor:
                 logits = self._forward(reqs, starts, tokens, 1)
                 for i, r in enumerate(reqs):
                     last_logits[r.request_id] = logits[i, -1]
-            by_length: dict[int, list] = collections.defaultdict(list)
+            # Chunks run together when they share a length (and, layered, a layer group).
+            batches: dict[tuple, list[PrefillChunk]] = collections.defaultdict(list)
             for chunk in plan.prefills:
-                if chunk.finishes_forward:
-                    by_length[chunk.num_tokens].append(chunk)
-            for length, chunks in by_length.items():
-                reqs = [c.request for c in chunks]
-                starts = [c.start for c in chunks]
-                tokens = [c.request.token_ids(c.start, c.start + length) for c in chunks]
-                logits = self._forward(reqs, starts, tokens, length)
+                if self.staged and chunk.layer_group is not None:
+                    batches[(chunk.num_tokens, chunk.layer_group, chunk.num_layer_groups)].append(chunk)
+                elif chunk.finishes_forward:
+                    batches[(chunk.num_tokens, None, 1)].append(chunk)
+            self._drop_stale_partials()
+            for (length, group, groups), chunks in batches.items():
+                if group is None:
+                    logits = self._forward([c.request for c in chunks], [c.start for c in chunks],
+                                           [c.request.token_ids(c.start, c.start + length) for c in chunks], length)
+                else:
+                    logits = self._forward_layer_group(chunks, length, group, groups)
+                if logits is None:
+                    continue
                 for i, c in enumerate(chunks):
                     if c.samples:
                         last_logits[c.request.request_id] = logits[i, -1]
@@ -134,6 +147,43 @@ class ModelExecutor:
 
     def _forward(self, reqs: list[Request], starts: list[int], tokens: list, length: int) -> torch.Tensor:
         """Run ``length`` new tokens of each request (which has ``starts[i]`` tokens cached)."""
+        ids, positions, caches = self._inputs(reqs, starts, tokens, length)
+        self.num_forward_calls += 1
+        return self.model(ids, positions, caches)
+
+    def _forward_layer_group(self, chunks: list[PrefillChunk], length: int, group: int,
+                             groups: int) -> torch.Tensor | None:
+        """Layers of ``group`` (of ``groups`` contiguous groups) for each chunk's tokens; the logits
+        after the last group, else None (the hidden states wait in ``_partial``)."""
+        reqs = [c.request for c in chunks]
+        ids, positions, caches = self._inputs(reqs, [c.start for c in chunks],
+                                              [r.token_ids(c.start, c.start + length) for r, c in zip(reqs, chunks)],
+                                              length)
+        if group == 0:
+            x = self.model.embed_tokens(ids)
+        else:
+            missing = [r.request_id for r in reqs if r.request_id not in self._partial]
+            if missing:
+                raise ServingError(f"layered prefill: no hidden states kept for {missing[:5]} before layer "
+                                   f"group {group}")
+            x = torch.cat([self._partial.pop(r.request_id)[1] for r in reqs])
+        n = self.geometry.n_layers
+        x = self.model.run_layers(x, positions, caches, group * n // groups, (group + 1) * n // groups)
+        self.num_forward_calls += 1
+        if group == groups - 1:
+            return self.model.logits(x)
+        for i, r in enumerate(reqs):
+            self._partial[r.request_id] = (r, x[i:i + 1])
+        return None
+
+    def _drop_stale_partials(self) -> None:
+        # A request cancelled or preempted mid-prefill restarts from group 0 (or never returns).
+        for rid, (req, _) in list(self._partial.items()):
+            if req.state is not RequestState.RUNNING or req.layer_groups_done == 0:
+                del self._partial[rid]
+
+    def _inputs(self, reqs: list[Request], starts: list[int], tokens: list, length: int):
+        """Token ids, positions and per-layer paged caches for ``length`` new tokens of each request."""
         tables = [self.blocks.block_table(r.request_id) for r in reqs]
         width = max(len(t) for t in tables)
         for r, s, t in zip(reqs, starts, tables):
@@ -150,8 +200,7 @@ class ModelExecutor:
                               device=self.device)
         positions = seq_lens.long()[:, None] + torch.arange(length, device=self.device)[None, :]
         caches = [_LayerCache(k, v, table, seq_lens) for k, v in zip(self.k_caches, self.v_caches)]
-        self.num_forward_calls += 1
-        return self.model(ids, positions, caches)
+        return ids, positions, caches
 
 
 __all__ = ["KVGeometry", "ModelExecutor"]

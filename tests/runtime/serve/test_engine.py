@@ -47,6 +47,34 @@ def test_memory_pressure_preempts_and_keeps_outputs(tiny_model, scheduler):
     tight.blocks.check_invariants()
 
 
+def test_layered_prefill_runs_one_layer_group_per_step(tiny_model):
+    # The 2-layer model in 2 groups: a 13-token prompt goes through layer 0 in one step and layer 1
+    # in the next, while the request already decoding runs both layers every step.
+    seen: list[tuple[int, int]] = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, args[0].shape[1])))
+             for i, layer in enumerate(tiny_model.layers)]
+    try:
+        engine = Engine(tiny_model, scheduler="layered-prefill", num_blocks=32, block_size=4, num_layer_groups=2)
+        first = engine.submit(PROMPTS[0], SamplingParams(max_tokens=6), loop=None)
+        for _ in range(2):                  # prompt 0 prefills (2 groups), then decodes
+            engine.step()
+        long = engine.submit(PROMPTS[3], SamplingParams(max_tokens=3), loop=None)
+        per_step = []
+        for _ in range(2):
+            seen.clear()
+            engine.step()
+            per_step.append(sorted(seen))
+        assert per_step == [[(0, 1), (0, 13), (1, 1)], [(0, 1), (1, 1), (1, 13)]]
+        assert len(long.request.output_token_ids) == 1     # sampled after the last group
+        engine.run_until_idle()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert first.request.output_token_ids == reference_greedy(tiny_model, PROMPTS[0], 6)
+    assert long.request.output_token_ids == reference_greedy(tiny_model, PROMPTS[3], 3)
+    assert engine.blocks.num_used_blocks == 0 and not engine.executor._partial
+
+
 def test_stop_tokens_and_prefix_sharing(tiny_model):
     engine = Engine(tiny_model, scheduler="conservative", num_blocks=32, block_size=4)
     first = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=4))[0]
