@@ -60,6 +60,7 @@ class TiledWork:
     latency_hiding: int = 1       # loads in flight per program (num_stages - 1)
     launches: int = 1
     extra_s: float = 0.0          # e.g. a split-K reduction pass
+    alu_ops_per_program: float = 0.0  # CUDA-core work beside the MMAs (a dequantizing prologue)
 
 
 def _max_threads_per_sm(device: Device) -> int:
@@ -91,6 +92,10 @@ def roofline_time(work: TiledWork, device: Device) -> float:
         return math.inf if work.programs > 0 else LAUNCH_S * work.launches
     peak_per_sm = device.flops(work.dtype) / device.sm_count * work.efficiency
     t_program = work.flops_per_program / peak_per_sm
+    if work.alu_ops_per_program:
+        # The prologue feeds each MMA step, so its ALU time adds to the tensor-core time rather than
+        # hiding under it. fp32 peak counts an FMA as two operations.
+        t_program += work.alu_ops_per_program / (device.flops("f32") / 2 / device.sm_count)
     if work.regs_per_thread > device.max_regs_per_thread > 0:
         # Spilled accumulators go through local memory: a large, blunt slowdown.
         t_program *= 3.0 + (work.regs_per_thread - device.max_regs_per_thread) / device.max_regs_per_thread * 4
@@ -156,11 +161,17 @@ def _wave_footprint(wave_tiles: int, tiles_m: int, tiles_n: int, group_m: int) -
 
 
 def gemm_work(problem: Problem, config: Config, device: Device) -> TiledWork:
-    """C[b] = A[b] (M x K) @ B[b] (K x N): the kdsl ``gemm`` template's accounting."""
+    """C[b] = A[b] (M x K) @ B[b] (K x N): the kdsl ``gemm`` template's accounting.
+
+    Optional problem entries for weight formats narrower than the compute dtype: ``b_bytes``, B's
+    bytes per element (a fraction for packed low-bit weights, scales included), and
+    ``dequant_ops``, ALU operations per B element a program unpacks before its MMA."""
     batch = _dim(problem, "B", "batch", default=1)
     m, n, k = _dim(problem, "M"), _dim(problem, "N"), _dim(problem, "K")
     dtype, in_bytes = _dtype(problem)
     out_bytes = int(problem.get("out_bytes", in_bytes))
+    b_elem = float(problem.get("b_bytes", in_bytes))
+    dequant_ops = float(problem.get("dequant_ops", 0.0))
     bm, bn, bk = _param(config, "BLOCK_M"), _param(config, "BLOCK_N"), _param(config, "BLOCK_K")
     split_k = max(1, _param(config, "SPLIT_K", 1))
     warps, stages = _param(config, "num_warps", 4), _param(config, "num_stages", 3)
@@ -172,12 +183,13 @@ def gemm_work(problem: Problem, config: Config, device: Device) -> TiledWork:
     k_iters = -(-k_chunk // bk)
     programs = batch * tiles_m * tiles_n * split_k if m and n else 0
     flops = 2.0 * bm * bn * k_iters * bk
-    load = (bm + bn) * k_iters * bk * in_bytes
-    smem = (bm + bn) * bk * in_bytes * max(1, stages - 1)
+    tile_bytes = bm * in_bytes + bn * b_elem  # one K step of both operand tiles
+    load = tile_bytes * k_iters * bk
+    smem = int(tile_bytes * bk * max(1, stages - 1))
 
     # DRAM: if one batch's operands fit in (half) the L2 they are read once; otherwise each wave
     # reads the rows and columns its tiles touch.
-    a_bytes, b_bytes = m * k * in_bytes, k * n * in_bytes
+    a_bytes, b_bytes = m * k * in_bytes, k * n * b_elem
     compulsory = batch * (a_bytes + b_bytes)
     if a_bytes + b_bytes <= device.l2_bytes / 2 or device.vendor == "cpu":
         operand_dram = compulsory
@@ -187,8 +199,8 @@ def gemm_work(problem: Problem, config: Config, device: Device) -> TiledWork:
         tiles = tiles_m * tiles_n
         waves = -(-tiles // wave_tiles)
         rows, cols = _wave_footprint(wave_tiles, tiles_m, tiles_n, group_m)
-        per_wave = (rows * bm + cols * bn) * k * in_bytes
-        operand_dram = batch * min(waves * per_wave, tiles * (bm + bn) * k * in_bytes)
+        per_wave = (rows * bm * in_bytes + cols * bn * b_elem) * k
+        operand_dram = batch * min(waves * per_wave, tiles * tile_bytes * k)
         operand_dram = max(operand_dram, compulsory)
     store = batch * m * n * (4 * split_k if split_k > 1 else out_bytes)
     extra = 0.0
@@ -217,12 +229,17 @@ def gemm_work(problem: Problem, config: Config, device: Device) -> TiledWork:
         # The fused epilogue holds a value and a 64-bit address per accumulator element when it
         # stores, so the accumulator counts about twice: 128x256 on 8 warps (128 accumulators per
         # thread) spills on sm_90 with a bias+GELU epilogue, 128x128 does not.
-        regs = int(2 * acc_regs + 2 * (bm + bn) * bk * in_bytes / 4 / threads + 32)
+        regs = int(2 * acc_regs + 2 * tile_bytes * bk / 4 / threads + 32)
+    if dequant_ops:
+        # The unpacked weight tile in fp32 next to its words; calibrated on sm_90 compiles of W4
+        # quant_gemm: 128x128x64 on 8 warps is the largest that does not spill, 64x64x128 on 4 does.
+        regs += int(1.5 * bk * bn / threads)
     overlap = {1: 0.0, 2: 0.7}.get(stages, 1.0)
     return TiledWork(programs=programs, flops_per_program=flops, load_bytes_per_program=load,
                      dram_bytes=operand_dram + store, k_iters=k_iters, smem_bytes=smem,
                      regs_per_thread=regs, threads=threads, dtype=dtype, efficiency=efficiency,
-                     overlap=overlap, latency_hiding=max(1, stages - 1), launches=launches, extra_s=extra)
+                     overlap=overlap, latency_hiding=max(1, stages - 1), launches=launches, extra_s=extra,
+                     alu_ops_per_program=dequant_ops * bn * bk * k_iters)
 
 
 def _gemm_cost(problem: Problem, config: Config, device: Device) -> float:

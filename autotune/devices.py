@@ -82,14 +82,20 @@ def get_device(name: str) -> Device:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_device() -> Device:
+    """This machine's CPU as a tuning device (Triton's interpreter); its records key by core count."""
+    import os
+
+    return dataclasses.replace(DEVICES["cpu"], sm_count=os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
 def local_device() -> Device:
     """The device kernels run on here: the current CUDA device if any, else the CPU descriptor."""
     import torch
 
     if not torch.cuda.is_available():
-        import os
-
-        return dataclasses.replace(DEVICES["cpu"], sm_count=os.cpu_count() or 1)
+        return cpu_device()
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     cc = props.major * 10 + props.minor
     for dev in DEVICES.values():

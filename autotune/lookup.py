@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from dsl.errors import TuningError
@@ -39,6 +39,18 @@ class Resolution(NamedTuple):
 def tune_command(shape: Mapping[str, int], op_file: str | None, op_name: str | None) -> str:
     """The command that tunes this kernel at this shape (placeholders where the op is unknown)."""
     return f"kdsl tune {op_file or 'FILE.py'}:{op_name or 'OP'} --shape {shape_key(shape)}"
+
+
+def template_tune_command(template: str, shape: Mapping[str, int], options: Mapping[str, object]) -> str:
+    """The command that tunes a template without an op (the quantized GEMMs); each option is a flag
+    of the same name (``group_size=128`` -> ``--group-size 128``, ``asym=True`` -> ``--asym``)."""
+    words = [f"kdsl tune {template} --shape " + ",".join(f"{k}={v}" for k, v in shape.items())]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        words.append(flag if value is True else f"{flag} {value}")
+    return " ".join(words)
 
 
 def _same_model(record: Record, device: Device) -> bool:
@@ -102,7 +114,9 @@ class ConfigResolver:
     def resolve(self, template: str, source_hash: str, shape: Mapping[str, int], *, token_dim: str = "M",
                 op_file: str | None = None, op_name: str | None = None,
                 override: Mapping[str, int] | None = None,
-                op_shape: Mapping[str, int] | None = None) -> Resolution:
+                op_shape: Mapping[str, int] | None = None, tune_hint: str | None = None) -> Resolution:
+        """``tune_hint``: the command the default-config warning names, where ``kdsl tune FILE.py:OP``
+        does not apply (kernels tuned as templates)."""
         space = get_space(template)
         if override is not None:
             config = space.validate(override, where=f"override for kernel {source_hash} ({template})")
@@ -116,13 +130,13 @@ class ConfigResolver:
             cached = self._cache.get(key)
             if cached is None:
                 cached = self._resolve_uncached(space, source_hash, shape, token_dim, op_file, op_name,
-                                                op_shape)
+                                                op_shape, tune_hint)
                 self._cache[key] = cached
         return cached
 
     def _resolve_uncached(self, space, source_hash: str, shape: dict[str, int], token_dim: str,
                           op_file: str | None, op_name: str | None,
-                          op_shape: Mapping[str, int] | None = None) -> Resolution:
+                          op_shape: Mapping[str, int] | None = None, tune_hint: str | None = None) -> Resolution:
         db = self._database()
         stored = db.query(source_hash=source_hash) if db is not None else []
         shipped = [r for r in self._shipped_records() if r.source_hash == source_hash]
@@ -152,7 +166,7 @@ class ConfigResolver:
         # An op called with an empty dimension (zero tokens) still launches kernels over padded or
         # bucketed problems; the command then names the kernel's own shape.
         usable_op_shape = op_shape if op_shape and all(v >= 1 for v in op_shape.values()) else None
-        command = tune_command(usable_op_shape or shape, op_file, op_name)
+        command = tune_hint or tune_command(usable_op_shape or shape, op_file, op_name)
         warn_key = (source_hash, key, self.device.fingerprint())
         if warn_key not in self._warned:
             self._warned.add(warn_key)
@@ -190,3 +204,77 @@ class ConfigResolver:
     @staticmethod
     def _found(record: Record, label: str, detail: str, notes: list[str]) -> Resolution:
         return Resolution(dict(record.config), label, detail + "".join(f"; {n}" for n in notes))
+
+
+class KernelChoice(NamedTuple):
+    """The config a directly launched kernel runs with and where it came from (its ``explain``)."""
+
+    kernel: str
+    template: str
+    problem: dict
+    config: dict
+    source: str  # one of LABELS
+    detail: str
+
+    def __str__(self) -> str:
+        prob = ", ".join(f"{k}={v}" for k, v in self.problem.items())
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{self.kernel} [{self.template}] {prob}: {cfg}  <- {self.source}" + (
+            f" ({self.detail})" if self.detail else "")
+
+
+class DirectConfigs:
+    """Configs of kernels that library code launches itself, with no CompiledOp around them (the
+    quantized GEMMs behind QuantLinear): the lookup chain for the tensors' device, ending in the
+    template's shape-aware default instead of its static one.
+
+    Answers are kept per call key, which the caller builds from what it has at hand (kernel, token
+    bucket, sizes, torch device), so a call at a known shape costs one dict lookup: these kernels
+    sit on the hot path of every quantized linear layer. One resolver per device opens the default
+    database (``KDSL_DB``) on its first miss; :meth:`clear` forgets everything, e.g. after tuning
+    in the same process or when ``KDSL_DB`` changes.
+    """
+
+    def __init__(self):
+        self._chosen: dict = {}
+        self._resolvers: dict[str, ConfigResolver] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, key) -> KernelChoice | None:
+        return self._chosen.get(key)
+
+    def choose(self, key, *, kernel: str, template: str, source_hash: str, problem: Mapping[str, int],
+               device: Device, default: Callable[[Mapping[str, int], Device], dict], tune_hint: str,
+               token_dim: str = "M") -> KernelChoice:
+        with self._lock:
+            found = self._chosen.get(key)
+            if found is None:
+                found = self._chosen[key] = self._choose(kernel, template, source_hash, dict(problem),
+                                                         device, default, tune_hint, token_dim)
+        return found
+
+    def _choose(self, kernel, template, source_hash, problem, device, default, tune_hint, token_dim):
+        resolver = self._resolvers.get(device.fingerprint())
+        if resolver is None:
+            resolver = self._resolvers[device.fingerprint()] = ConfigResolver(None, device=device)
+        found = resolver.resolve(template, source_hash, problem, token_dim=token_dim, tune_hint=tune_hint)
+        if found.source != "default":
+            # A record borrowed from a near shape (or tuned for a device model) may break a rule of
+            # this exact problem; the kernel would still compute correctly, but the space says no.
+            bad = get_space(template).violations(found.config, problem, device)
+            if not bad:
+                return KernelChoice(kernel, template, problem, found.config, found.source, found.detail)
+            found = found._replace(detail=f"{found.source} config {found.config} violates "
+                                          f"{', '.join(bad)} here ({found.detail})")
+        return KernelChoice(kernel, template, problem, default(problem, device), "default", found.detail)
+
+    def clear(self) -> None:
+        with self._lock:
+            for resolver in self._resolvers.values():
+                resolver.close()
+            self._resolvers.clear()
+            self._chosen.clear()
+
+
+# One per process: every directly launched kernel shares the resolvers and their database handle.
+DIRECT = DirectConfigs()

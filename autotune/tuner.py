@@ -32,7 +32,8 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 @dataclasses.dataclass
 class KernelTask:
-    """One kernel of one op at one shape: what to launch and what it must produce."""
+    """One kernel of one op (or of a template tuned on its own) at one shape: what to launch and
+    what it must produce. ``kernel`` names the module's ``@triton.jit`` function."""
 
     op_name: str
     kernel: str
@@ -44,10 +45,19 @@ class KernelTask:
     inputs: list
     expected: list
     env: dict
+    # The config the runtime falls back to for this problem on a device, where the template has a
+    # shape-aware default (the quantized GEMMs); the space's static default otherwise.
+    default: Callable[[Device], dict] | None = None
+    # Relative tolerance of the correctness gate where the kernel computes below its output's
+    # precision (TF32 dots on float32 tensors); by the output dtype otherwise.
+    tolerance: float | None = None
 
     @property
     def space(self) -> SearchSpace:
         return get_space(self.template)
+
+    def default_config(self, device: Device) -> dict:
+        return dict(self.default(device)) if self.default is not None else dict(self.space.default)
 
 
 @dataclasses.dataclass
@@ -110,6 +120,98 @@ def build_tasks(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: i
     return tasks
 
 
+# -- templates tuned without an op -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateTasks:
+    """How to tune a kernel template directly, at a shape, without a DSL op: the quantized GEMMs,
+    whose weights (``dsl.QTensor``) are no graph type. Registered by the template's module.
+
+    ``build(shape, options, device, seed) -> [KernelTask]`` makes the inputs (random weights
+    quantized the way the runtime's are), the reference outputs and the kernels. ``dims`` are the
+    ``--shape`` sizes it needs; ``options`` its other choices with their defaults, each a flag of
+    ``kdsl tune`` of the same name (``bits``, ``group_size``, ``asym``, ``dtype``).
+    """
+
+    template: str
+    dims: tuple[str, ...]
+    options: dict
+    build: Callable[..., list]
+
+
+TEMPLATE_TASKS: dict[str, TemplateTasks] = {}
+
+
+def register_template_tasks(spec: TemplateTasks) -> TemplateTasks:
+    TEMPLATE_TASKS[spec.template] = spec
+    return spec
+
+
+def template_tasks(name: str) -> TemplateTasks | None:
+    """The registered task builder of template ``name``, or None."""
+    if name not in TEMPLATE_TASKS:
+        import codegen.kernels  # noqa: F401  (template modules register on import)
+    return TEMPLATE_TASKS.get(name)
+
+
+def build_template_tasks(name: str, shape: dict[str, int], options: dict | None = None, device="cpu",
+                         seed: int = 0) -> list[KernelTask]:
+    """The kernels of template ``name`` at ``shape`` with ``options`` (defaults for those left out)."""
+    spec = template_tasks(name)
+    if spec is None:
+        raise TuningError(f"unknown template '{name}' (templates tuned without an op: "
+                          f"{', '.join(sorted(TEMPLATE_TASKS)) or 'none'}; or give FILE.py:OP)")
+    missing = [d for d in spec.dims if d not in shape]
+    extra = sorted(set(shape) - set(spec.dims))
+    if missing or extra:
+        example = ",".join(f"{d}={shape.get(d, 128)}" for d in spec.dims)
+        what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(extra)}, which {name} does not take"
+        raise TuningError(f"--shape {what}: template '{name}' takes {', '.join(spec.dims)} (e.g. --shape {example})")
+    small = [f"{d}={shape[d]}" for d in spec.dims if shape[d] < 1]
+    if small:
+        raise TuningError(f"--shape: {', '.join(small)}: sizes must be >= 1")
+    unknown = sorted(set(options or {}) - set(spec.options))
+    if unknown:
+        flags = ", ".join("--" + o.replace("_", "-") for o in unknown)
+        takes = ", ".join("--" + o.replace("_", "-") for o in spec.options) or "no options"
+        raise TuningError(f"template '{name}' has no option {flags} (it takes {takes})")
+    return spec.build(dict(shape), {**spec.options, **(options or {})}, device, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+    """What a tuning run measures, in a form another process rebuilds it from (an isolated runner,
+    a worker sharing the study): ``spec`` is ``FILE.py:OP`` or a registered template's name."""
+
+    spec: str
+    shape: tuple[tuple[str, int], ...]
+    dtype: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+    seed: int = 0
+
+    @classmethod
+    def of(cls, spec: str, shape: dict, dtype: str | None = None, options: dict | None = None,
+           seed: int = 0) -> "TaskSource":
+        return cls(spec, tuple(sorted(shape.items())), dtype, tuple(sorted((options or {}).items())), seed)
+
+    @property
+    def is_template(self) -> bool:
+        return ":" not in self.spec and template_tasks(self.spec) is not None
+
+    def build(self, device="cpu") -> list[KernelTask]:
+        if self.is_template:
+            options = dict(self.options)
+            if self.dtype is not None:
+                options["dtype"] = self.dtype
+            return build_template_tasks(self.spec, dict(self.shape), options, device, self.seed)
+        import dsl.dtypes as dt
+        from runtime.cli.common import load_op
+
+        op, _ = load_op(self.spec)
+        return build_tasks(op, dict(self.shape), dt.ALL.get(self.dtype), device, self.seed)
+
+
 # -- running and checking one candidate --------------------------------------------------------
 
 
@@ -121,15 +223,16 @@ def launch(task: KernelTask, config: dict) -> list[torch.Tensor]:
     return outs
 
 
-def mismatch(outs, expected) -> str | None:
-    """Why the outputs are wrong, or None. Tolerances follow the dtype (fp32 accumulation)."""
+def mismatch(outs, expected, tolerance: float | None = None) -> str | None:
+    """Why the outputs are wrong, or None. Tolerances follow the dtype (fp32 accumulation) unless
+    ``tolerance`` is given."""
     for i, (o, e) in enumerate(zip(outs, expected)):
         if o.shape != e.shape:
             return f"output {i} has shape {tuple(o.shape)}, expected {tuple(e.shape)}"
         if not o.numel():
             continue
         if e.dtype.is_floating_point:
-            tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(e.dtype, 2e-2)
+            tol = tolerance or {torch.float32: 1e-4, torch.float64: 1e-9}.get(e.dtype, 2e-2)
             of, ef = o.double(), e.double()
             err = (of - ef).abs().max().item()
             scale = max(1.0, ef.abs().max().item())
@@ -156,7 +259,7 @@ class _Flusher:
 def time_candidate(task: KernelTask, config: dict, repeats: int, flush: _Flusher | None = None):
     """Check once, then the median of ``repeats`` timed launches (seconds) and the raw samples."""
     outs = launch(task, config)
-    reason = mismatch(outs, task.expected)
+    reason = mismatch(outs, task.expected, task.tolerance)
     if reason:
         raise CandidateFailure(f"wrong result: {reason}")
     samples = []
@@ -187,18 +290,12 @@ class CandidateFailure(KdslError):
 _WORKER_TASKS: dict = {}
 
 
-def _worker_measure(op_spec: str, shape: dict, dtype_name: str | None, kernel: str, config: dict,
-                    repeats: int):
-    """Runs in the worker process: rebuild the task from the op file, measure one candidate."""
-    import dsl.dtypes as dt
-    from runtime.cli.common import load_op
-
-    key = (op_spec, tuple(sorted(shape.items())), dtype_name)
-    if key not in _WORKER_TASKS:
-        op, _ = load_op(op_spec)
+def _worker_measure(source: TaskSource, kernel: str, config: dict, repeats: int):
+    """Runs in the worker process: rebuild the task from its source, measure one candidate."""
+    if source not in _WORKER_TASKS:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        _WORKER_TASKS[key] = {t.kernel: t for t in build_tasks(op, shape, dt.ALL.get(dtype_name), device)}
-    task = _WORKER_TASKS[key][kernel]
+        _WORKER_TASKS[source] = {t.kernel: t for t in source.build(device)}
+    task = _WORKER_TASKS[source][kernel]
     try:
         return time_candidate(task, config, repeats, _Flusher())
     except CandidateFailure:
@@ -210,8 +307,8 @@ def _worker_measure(op_spec: str, shape: dict, dtype_name: str | None, kernel: s
 class IsolatedRunner:
     """Measures candidates in a worker process; a crash or timeout fails the candidate only."""
 
-    def __init__(self, op_spec: str, shape: dict, dtype_name: str | None, timeout_s: float = 120.0):
-        self.args = (op_spec, shape, dtype_name)
+    def __init__(self, source: TaskSource, timeout_s: float = 120.0):
+        self.source = source
         self.timeout_s = timeout_s
         self.pool: cf.ProcessPoolExecutor | None = None
 
@@ -228,7 +325,7 @@ class IsolatedRunner:
             self.pool = None
 
     def __call__(self, task: KernelTask, config: dict, repeats: int):
-        future = self._pool().submit(_worker_measure, *self.args, task.kernel, config, repeats)
+        future = self._pool().submit(_worker_measure, self.source, task.kernel, config, repeats)
         try:
             return future.result(timeout=self.timeout_s)
         except cf.TimeoutError:
@@ -257,8 +354,20 @@ def in_process_runner(task: KernelTask, config: dict, repeats: int):
 # -- the static filter: compile for the device without running ------------------------------------
 
 
-def launch_signature(task: KernelTask, config: dict):
-    """The jit function and its Triton signature, recorded from a launch that never runs."""
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """What the static check compiles: the jit function, the Triton types of its runtime arguments
+    and its constexpr values, as one launch with ``config`` would pass them."""
+
+    fn: object
+    signature: dict
+    constexprs: dict
+
+
+def launch_spec(task: KernelTask, config: dict) -> LaunchSpec:
+    """Recorded from a launch on meta tensors that never runs. Constexprs come from the launch, not
+    from the config: a template may derive some from the shape (``EVEN_K``), and a config may
+    change argument types (split-K writes float32 partials)."""
     name = task.kernel
     jit_fn = getattr(task.module, name)
     recorded = {}
@@ -278,11 +387,26 @@ def launch_signature(task: KernelTask, config: dict):
         K.INVOKERS[task.template](task.module, task.rendered, ins, outs, task.env, config)
     finally:
         setattr(task.module, name, jit_fn)
-    names = [n for n in jit_fn.arg_names]
-    signature = {}
-    for arg_name, value in zip(names, recorded["args"]):
-        signature[arg_name] = _triton_type(value)
-    return jit_fn, signature
+    names = list(jit_fn.arg_names)
+    constexpr_names = _constexpr_params(jit_fn)
+    values = dict(zip(names, recorded["args"]))
+    values.update((k, v) for k, v in recorded["kwargs"].items() if k in names)  # the rest: launch options
+    signature = {n: _triton_type(v) for n, v in values.items() if n not in constexpr_names}
+    constexprs = {n: v for n, v in values.items() if n in constexpr_names}
+    return LaunchSpec(jit_fn, signature, constexprs)
+
+
+def launch_signature(task: KernelTask, config: dict):
+    """The jit function and its Triton signature, recorded from a launch that never runs."""
+    spec = launch_spec(task, config)
+    return spec.fn, spec.signature
+
+
+def _constexpr_params(jit_fn) -> set[str]:
+    import inspect
+
+    params = inspect.signature(getattr(jit_fn, "fn", jit_fn)).parameters
+    return {n for n, p in params.items() if "constexpr" in str(p.annotation)}
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -314,9 +438,8 @@ def static_filter(task: KernelTask, target: Device) -> Callable[[dict], str | No
             return f"violates {', '.join(bad)}"
         if target.vendor != "nvidia":
             return None
-        jit_fn, signature = launch_signature(task, config)
-        constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
-        verdict = static_check(jit_fn, signature, constexprs, config.get("num_warps", 4),
+        spec = launch_spec(task, config)
+        verdict = static_check(spec.fn, spec.signature, spec.constexprs, config.get("num_warps", 4),
                                config.get("num_stages", 3), target)
         return None if verdict.ok else f"static check: {verdict.reason}"
 
@@ -347,7 +470,7 @@ def warm_start(task: KernelTask, device: Device, db, top: int = 5) -> list[dict]
     """The template default, configs tuned for nearby shapes, and the cost model's best guesses."""
     from codegen import kernels as K
 
-    configs = [dict(task.space.default)]
+    configs = [task.default_config(device)]
     if db is not None:
         near = db.nearest(source_hash=task.source_hash, device=device, shape=task.problem,
                           token_dim=K.TOKEN_DIMS.get(task.template, "M"))
@@ -384,6 +507,7 @@ def tune_task(task: KernelTask, *, trials: int, device: Device, db=None, storage
     study = study or open_study(task, device, db, storage, seed)
     failures = []
     default_ms = None
+    default = task.default_config(device)
     mine = 0
     while (mine < quota) if quota is not None else (measured_trials(study) < trials):
         mine += 1
@@ -402,7 +526,7 @@ def tune_task(task: KernelTask, *, trials: int, device: Device, db=None, storage
             continue
         trial.set_user_attr("samples", samples)
         report_result(study, trial, seconds)
-        if config == task.space.default:
+        if config == default:
             default_ms = seconds * 1e3
         if on_trial:
             on_trial(trial.number, seconds)
@@ -451,7 +575,6 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
     Candidates are compiled a few at a time in one worker process.
     """
     from .cost_model import predict, rank
-    from .static_check import check_configs
 
     problem = cost_problem(task)
     failures: list[str] = []
@@ -474,11 +597,7 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
                 todo.append(config)
         if not todo:
             continue
-        if target.vendor == "nvidia":
-            fn, signature = launch_signature(task, todo[0])
-            verdicts = check_configs(fn, signature, todo, target)
-        else:
-            verdicts = [None] * len(todo)
+        verdicts = _check_batch(task, todo, target) if target.vendor == "nvidia" else [None] * len(todo)
         for config, verdict in zip(todo, verdicts):
             if verdict is not None and not verdict.ok:
                 failures.append(f"{config}: static check: {verdict.reason}")
@@ -494,6 +613,25 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
                       "predicted", failures)
 
 
+def _check_batch(task: KernelTask, configs: list[dict], target: Device) -> list:
+    """Static verdicts for ``configs``, one compile worker per distinct launch signature."""
+    from .static_check import check_configs
+
+    groups: dict[str, list[int]] = {}
+    specs = [launch_spec(task, c) for c in configs]
+    for i, spec in enumerate(specs):
+        groups.setdefault(repr(sorted(spec.signature.items())), []).append(i)
+    verdicts: list = [None] * len(configs)
+    for idx in groups.values():
+        batch = [{**specs[i].constexprs, **{k: configs[i][k] for k in LAUNCH_OPTIONS if k in configs[i]}}
+                 for i in idx]
+        for i, verdict in zip(idx, check_configs(specs[idx[0]].fn, specs[idx[0]].signature, batch, target)):
+            verdicts[i] = verdict
+    return verdicts
+
+
 __all__ = ["KernelTask", "TuneResult", "build_tasks", "example_inputs", "tune_task", "predict_task",
            "IsolatedRunner", "in_process_runner", "CandidateFailure", "static_filter", "study_name",
-           "launch_signature", "cost_problem", "warm_start", "measured_trials", "open_study"]
+           "launch_signature", "launch_spec", "LaunchSpec", "cost_problem", "warm_start", "measured_trials",
+           "open_study", "TemplateTasks", "TEMPLATE_TASKS", "register_template_tasks", "template_tasks",
+           "build_template_tasks", "TaskSource"]

@@ -21,8 +21,14 @@ TOKEN_DIMS = {"gemm": "M", "pointwise": "numel", "reduction": "R"}
 
 
 def register_renderer(template: str, render, invoke, problem, token_dim: str = "M") -> None:
-    """Later template families (grouped GEMM, attention, quantized GEMM) plug in here."""
+    """Later template families (grouped GEMM, attention) plug in here."""
     RENDERERS[template] = render
+    register_invoker(template, invoke, problem, token_dim)
+
+
+def register_invoker(template: str, invoke, problem, token_dim: str = "M") -> None:
+    """A template that no graph renders (the quantized GEMMs, launched by library code and tuned on
+    their own): how the tuner launches it and what keys its records."""
     INVOKERS[template] = invoke
     PROBLEMS[template] = problem
     TOKEN_DIMS[template] = token_dim
@@ -39,4 +45,5 @@ def render_group(graph, group, op_name: str) -> Rendered:
 # Template families with their own Python entry points; importing them registers their spaces.
 from . import attention, moe, quant_gemm  # noqa: E402,F401
 
-__all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "render_group"]
+__all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "register_invoker",
+           "render_group"]

@@ -13,16 +13,24 @@ bias is added by split 0 only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import ModuleType
 
 import torch
 
-from autotune.devices import Device, local_device
+from autotune.cost_model import gemm_work, register_cost_model, roofline_time
+from autotune.devices import Device, cpu_device, local_device
+from autotune.lookup import DIRECT, KernelChoice, template_tune_command
 from autotune.space import SearchSpace, register_space
-from codegen.render import load_module, render
+from autotune.tuner import TemplateTasks, register_template_tasks
+from codegen.render import load_module, render, source_hash
 from dsl.errors import CodegenError, DSLError, TuningError
-from dsl.qtensor import PER_CHANNEL, QTensor
+from dsl.qtensor import PER_CHANNEL, QTensor, check_format
+
+from . import register_invoker
+from .common import Rendered
+from .moe import token_bucket
 
 ACT_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 FP8_DTYPE = torch.float8_e4m3fn
@@ -33,7 +41,9 @@ def _pow2_at_least(n: int) -> int:
 
 
 # ---- search spaces ----------------------------------------------------------------------------
-# Shape keys: M, N, K; quant_gemm also "group_size" (-1 = per channel) and "bits".
+# Constraints read the tuning problem (see "tuning keys" below): M, N, K; quant_gemm also
+# "group_size" and "bits" and the activation width "act_bits". Callers that build a shape by hand
+# may give group_size -1 (per channel) and "elem_bytes" instead.
 
 
 def _fits(block: str, dim: str):
@@ -56,8 +66,9 @@ def _threads_have_work(c, s, d):
 
 def _block_k_within_group(c, s, d):
     # One K tile must never straddle two scale groups: the prologue loads one scale row per tile.
+    # A group spanning all of K (per-channel scales) has nothing to straddle.
     gs = s.get("group_size", PER_CHANNEL)
-    return gs == PER_CHANNEL or gs % c["BLOCK_K"] == 0
+    return gs == PER_CHANNEL or gs >= s["K"] or gs % c["BLOCK_K"] == 0
 
 
 def _mma_k_for_8bit(c, s, d):
@@ -84,9 +95,13 @@ def _scaled_smem(c, s, elem_bytes):
     return c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] + _SMEM_SLACK  # 1-byte operands
 
 
+def _elem_bytes(s) -> int:
+    return s["act_bits"] // 8 if "act_bits" in s else s.get("elem_bytes", 2)
+
+
 def _smem_fits(smem):
     def check(c, s, d: Device):
-        return d.vendor == "cpu" or smem(c, s, s.get("elem_bytes", 2)) <= d.smem_per_block
+        return d.vendor == "cpu" or smem(c, s, _elem_bytes(s)) <= d.smem_per_block
 
     return check
 
@@ -143,7 +158,8 @@ def default_config(template: str, shape: dict, device: Device | None = None) -> 
     cfg["BLOCK_N"] = min(128, max(16, _pow2_at_least(n)))
     if template == "quant_gemm":
         gs = shape.get("group_size", PER_CHANNEL)
-        cfg["BLOCK_K"] = min(64, max(16, _pow2_at_least(k)), gs if gs != PER_CHANNEL else 64)
+        grouped = gs != PER_CHANNEL and gs < k  # a tile may not straddle groups (see the constraint)
+        cfg["BLOCK_K"] = min(64, max(16, _pow2_at_least(k)), gs if grouped else 64)
     else:
         cfg["BLOCK_K"] = min(64, max(32, _pow2_at_least(k)))
     cfg["num_warps"] = 4 if cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 4 * 32 * 4 else 2
@@ -187,13 +203,9 @@ def _checked_config(template: str, config, shape: dict, device: Device) -> dict[
 def quant_gemm_source(bits: int, group_size: int, symmetric: bool, has_bias: bool, ieee_f32: bool) -> str:
     """Source of the quant_gemm module for one weight format (group_size -1 = per channel)."""
     per_channel = group_size == PER_CHANNEL
-    name = (
-        f"quant_gemm_w{bits}_{'pc' if per_channel else f'g{group_size}'}_"
-        f"{'sym' if symmetric else 'asym'}{'_bias' if has_bias else ''}"
-    )
     return render(
         "quant_gemm.j2",
-        kernel_name=name,
+        kernel_name=_quant_name(bits, group_size, symmetric, has_bias),
         bits=bits,
         values_per_word=32 // bits,
         code_mask=(1 << bits) - 1,
@@ -211,13 +223,9 @@ def scaled_gemm_source(operand: str, row_scale_vector: bool, col_scale_vector: b
     """Source of the int8_gemm module; operand "int8" or "fp8e4m3"."""
     if operand not in ("int8", "fp8e4m3"):
         raise CodegenError(f"int8_gemm: operand must be 'int8' or 'fp8e4m3', got {operand!r}")
-    name = (
-        f"{'int8' if operand == 'int8' else 'fp8'}_gemm_{'row' if row_scale_vector else 'ts'}_"
-        f"{'col' if col_scale_vector else 'ts'}{'_bias' if has_bias else ''}"
-    )
     return render(
         "int8_gemm.j2",
-        kernel_name=name,
+        kernel_name=_scaled_name(operand, row_scale_vector, col_scale_vector, has_bias),
         operand=operand,
         row_scale_vector=row_scale_vector,
         col_scale_vector=col_scale_vector,
@@ -225,8 +233,157 @@ def scaled_gemm_source(operand: str, row_scale_vector: bool, col_scale_vector: b
     )
 
 
+def _quant_name(bits: int, group_size: int, symmetric: bool, has_bias: bool) -> str:
+    return (f"quant_gemm_w{bits}_{'pc' if group_size == PER_CHANNEL else f'g{group_size}'}_"
+            f"{'sym' if symmetric else 'asym'}{'_bias' if has_bias else ''}")
+
+
+def _scaled_name(operand: str, row_scale_vector: bool, col_scale_vector: bool, has_bias: bool) -> str:
+    return (f"{'int8' if operand == 'int8' else 'fp8'}_gemm_{'row' if row_scale_vector else 'ts'}_"
+            f"{'col' if col_scale_vector else 'ts'}{'_bias' if has_bias else ''}")
+
+
 def _module(source: str, hint: str) -> ModuleType:
     return load_module(source, hint)
+
+
+# ---- kernels as the runtime and the tuner launch them -------------------------------------------
+# Tuning keys. The records of one weight format (bits, group size, symmetry, exact-fp32 or not) are
+# keyed by the source hash of its bias-free variant: the bias, like the int8/fp8 choice between
+# per-row and per-tensor scales, is one load per output row or column after the K loop and does
+# not change which tile is fastest, so every variant of a format shares one tuning. The problem
+# holds what does: the token count M in buckets (moe.token_bucket, neighbours <= 1.5x apart), N, K,
+# the bits and group size (per-channel scales are one group spanning K), the activation dtype (its
+# width and exponent bits: f16 5, bf16 8, f32 8) and "zero_bits" 8 for asymmetric weights' uint8 zero
+# points (symmetric ones store none; shape keys hold sizes >= 1, so the key is absent). int8/fp8:
+# M bucket, N, K and the output width.
+
+_DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+# "tf32": float32 activations with allow_tf32 (TF32 tensor cores instead of the exact fp32 dot).
+_ACT_DTYPES = {**_DTYPES, "tf32": torch.float32}
+_ACT_KEYS = {"f16": (16, 5), "bf16": (16, 8), "f32": (32, 8), "tf32": (32, 8)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Kernel:
+    """One variant of a template with what launching and tuning it need; one object per variant
+    (cached), so that it can key the per-shape config cache by identity."""
+
+    template: str
+    rendered: Rendered      # name (the @triton.jit function), source, meta
+    module: ModuleType
+    key_hash: str           # the tuning records' source hash (the variant's bias-free format)
+    options: dict           # the `kdsl tune TEMPLATE` options that tune this format
+
+    @property
+    def name(self) -> str:
+        return self.rendered.name
+
+    def problem(self, m: int, n: int, k: int) -> dict:
+        return _PROBLEMS[self.template](self.rendered, {"M": m, "N": n, "K": k})
+
+    def tune_hint(self, m: int, n: int, k: int) -> str:
+        return template_tune_command(self.template, {"M": max(1, m), "N": n, "K": k}, self.options)
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_kernel(bits: int, group_size: int, symmetric: bool, has_bias: bool, act: str) -> _Kernel:
+    ieee = act == "f32"
+    source = quant_gemm_source(bits, group_size, symmetric, has_bias, ieee)
+    meta = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "has_bias": has_bias, "act": act}
+    rendered = Rendered(_quant_name(bits, group_size, symmetric, has_bias), "quant_gemm", source, [], [], meta)
+    options = {"bits": bits, "group_size": group_size, "asym": not symmetric, "dtype": act}
+    return _Kernel("quant_gemm", rendered, _module(source, "quant_gemm"),
+                   source_hash(quant_gemm_source(bits, group_size, symmetric, False, ieee)), options)
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_kernel(template: str, row_scale_vector: bool, col_scale_vector: bool, has_bias: bool,
+                   out: str) -> _Kernel:
+    operand = "int8" if template == "int8_gemm" else "fp8e4m3"
+    source = scaled_gemm_source(operand, row_scale_vector, col_scale_vector, has_bias)
+    meta = {"has_bias": has_bias, "out": out}
+    rendered = Rendered(_scaled_name(operand, row_scale_vector, col_scale_vector, has_bias), template, source,
+                        [], [], meta)
+    return _Kernel(template, rendered, _module(source, template),
+                   source_hash(scaled_gemm_source(operand, True, True, False)), {"dtype": out})
+
+
+def problem_quant_gemm(rendered: Rendered, env) -> dict:
+    meta, k = rendered.meta, env["K"]
+    bits, exp_bits = _ACT_KEYS[meta["act"]]
+    problem = {"M": token_bucket(env["M"]), "N": env["N"], "K": k, "bits": meta["bits"],
+               "group_size": k if meta["group_size"] == PER_CHANNEL else meta["group_size"],
+               "act_bits": bits, "act_exp_bits": exp_bits}
+    if not meta["symmetric"]:
+        problem["zero_bits"] = 8
+    return problem
+
+
+def problem_scaled_gemm(rendered: Rendered, env) -> dict:
+    return {"M": token_bucket(env["M"]), "N": env["N"], "K": env["K"],
+            "out_bits": _ACT_KEYS[rendered.meta["out"]][0]}
+
+
+def _launch(module: ModuleType, operands, out: torch.Tensor, config: dict) -> None:
+    """``module.launch(*operands, ...)`` into ``out`` [M, N]. Split-K programs write float32
+    partials [SPLIT_K, M, N], added here (deterministic, unlike atomics)."""
+    if out.device.type == "cpu" and any(t is not None and t.dtype == torch.bfloat16 for t in (*operands, out)):
+        raise DSLError("quantized GEMM: Triton's CPU interpreter computes bfloat16 wrongly; use "
+                       "float16/float32 activations, scales and outputs on CPU, or run on a GPU")
+    m, n = out.shape
+    split_k = config["SPLIT_K"]
+    target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)
+    module.launch(*operands, target, m, n, operands[0].shape[1], config)
+    if split_k > 1:
+        out.copy_(target.sum(dim=0))
+
+
+def invoke_quant_gemm(module, rendered: Rendered, ins, outs, env, config) -> None:
+    """ins: x [M, K], the packed words, the scales, then the zero points (asymmetric) and the bias
+    (when the variant has one); outs: [y [M, N]]."""
+    x, data, scales, *rest = ins
+    zeros = None if rendered.meta["symmetric"] else rest.pop(0)
+    bias = rest.pop(0) if rendered.meta["has_bias"] else None
+    _launch(module, (x, data, scales, zeros, bias), outs[0], config)
+
+
+def invoke_scaled_gemm(module, rendered: Rendered, ins, outs, env, config) -> None:
+    """ins: a [M, K], b [N, K], float32 scales of a and b, then the bias (when the variant has one)."""
+    a, b, a_scale, b_scale, *rest = ins
+    _launch(module, (a, b, a_scale, b_scale, rest[0] if rendered.meta["has_bias"] else None), outs[0], config)
+
+
+_PROBLEMS = {"quant_gemm": problem_quant_gemm, "int8_gemm": problem_scaled_gemm, "fp8_gemm": problem_scaled_gemm}
+register_invoker("quant_gemm", invoke_quant_gemm, problem_quant_gemm)
+register_invoker("int8_gemm", invoke_scaled_gemm, problem_scaled_gemm)
+register_invoker("fp8_gemm", invoke_scaled_gemm, problem_scaled_gemm)
+
+
+def _choice(kernel: _Kernel, m: int, n: int, k: int, device: torch.device, config) -> KernelChoice:
+    """The config to launch with: the caller's (checked), else the lookup chain for the tensors'
+    device with the shape-aware :func:`default_config` last, remembered per (kernel, M bucket, N, K,
+    device) so that a layer's repeated calls cost one dict lookup."""
+    if config is not None:
+        problem = kernel.problem(m, n, k)
+        return KernelChoice(kernel.name, kernel.template, problem,
+                            _checked_config(kernel.template, config, problem, _kernel_device(device)),
+                            "override", "explicit config given by the caller")
+    key = (kernel, token_bucket(m), n, k, device)
+    found = DIRECT.cached(key)
+    if found is None:
+        found = DIRECT.choose(key, kernel=kernel.name, template=kernel.template, source_hash=kernel.key_hash,
+                              problem=kernel.problem(m, n, k), device=_kernel_device(device),
+                              default=functools.partial(default_config, kernel.template),
+                              tune_hint=kernel.tune_hint(m, n, k))
+    return found
+
+
+def invalidate_configs() -> None:
+    """Forget the configs chosen so far (all directly launched kernels), e.g. after tuning in this
+    process or after pointing ``KDSL_DB`` elsewhere; the next call at each shape looks them up again."""
+    DIRECT.clear()
 
 
 def kernel_of(module: ModuleType):
@@ -260,24 +417,8 @@ def _check_device(*tensors: torch.Tensor) -> torch.device:
 
 
 def _kernel_device(device: torch.device) -> Device:
-    return local_device() if device.type == "cuda" else _cpu_device()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_device() -> Device:
-    from autotune.devices import get_device
-
-    return get_device("cpu")
-
-
-def _finish(out: torch.Tensor, split_k: int, dtype: torch.dtype) -> torch.Tensor:
-    return out.sum(dim=0).to(dtype) if split_k > 1 else out
-
-
-def _alloc_out(m: int, n: int, split_k: int, dtype: torch.dtype, device) -> torch.Tensor:
-    if split_k > 1:
-        return torch.empty(split_k, m, n, dtype=torch.float32, device=device)
-    return torch.empty(m, n, dtype=dtype, device=device)
+    # Tuning records of the interpreter are keyed by this machine's CPU (see autotune.devices).
+    return local_device() if device.type == "cuda" else cpu_device()
 
 
 def _check_bias(bias, n: int, where: str):
@@ -318,6 +459,15 @@ def quant_matmul_reference(
     return y.to(x.dtype)
 
 
+def _quant_call(x, qweight: QTensor, bias, allow_tf32: bool, where: str):
+    """Checks, then (kernel, x as [M, K], device) of one quantized matmul."""
+    _check_quant_inputs(x, qweight, bias, where)
+    device = _check_device(x, qweight.data, bias)
+    act = "tf32" if x.dtype == torch.float32 and allow_tf32 else _DTYPE_NAMES[x.dtype]
+    kernel = _quant_kernel(qweight.bits, qweight.group_size, qweight.symmetric, bias is not None, act)
+    return kernel, x.reshape(-1, qweight.shape[1]), device
+
+
 def quant_matmul(
     x: torch.Tensor,
     qweight: QTensor,
@@ -326,39 +476,27 @@ def quant_matmul(
     *,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
-    """``x @ qweight.dequantize().T + bias`` with the Triton kernel. x: [..., K] -> [..., N]."""
-    _check_quant_inputs(x, qweight, bias, "quant_matmul")
-    device = _check_device(x, qweight.data, bias)
-    if device.type == "cpu" and torch.bfloat16 in (x.dtype, qweight.scales.dtype):
-        raise DSLError(
-            "quant_matmul: Triton's CPU interpreter computes bfloat16 wrongly; "
-            "use float16/float32 activations and scales on CPU or run on a GPU"
-        )
-    n, k = qweight.shape
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    """``x @ qweight.dequantize().T + bias`` with the Triton kernel. x: [..., K] -> [..., N].
+
+    ``config=None`` takes the tuning database's config for this shape on this device (see
+    :func:`explain_quant_matmul`), else the template's shape-aware default."""
+    kernel, x2, device = _quant_call(x, qweight, bias, allow_tf32, "quant_matmul")
+    (n, k), m = qweight.shape, x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    shape = {
-        "M": m,
-        "N": n,
-        "K": k,
-        "group_size": qweight.group_size,
-        "bits": qweight.bits,
-        "elem_bytes": x.element_size(),
-    }
-    cfg = _checked_config("quant_gemm", config, shape, _kernel_device(device))
-    source = quant_gemm_source(
-        qweight.bits,
-        qweight.group_size,
-        qweight.symmetric,
-        bias is not None,
-        x.dtype == torch.float32 and not allow_tf32,
-    )
-    module = _module(source, "quant_gemm")
-    out = _alloc_out(m, n, cfg["SPLIT_K"], x.dtype, device)
-    module.launch(x2, qweight.data, qweight.scales, qweight.zeros, bias, out, m, n, k, cfg)
-    return _finish(out, cfg["SPLIT_K"], x.dtype).reshape(*x.shape[:-1], n)
+    cfg = _choice(kernel, m, n, k, device, config).config
+    out = torch.empty(m, n, dtype=x.dtype, device=device)
+    ins = [x2, qweight.data, qweight.scales] + ([] if qweight.symmetric else [qweight.zeros])
+    invoke_quant_gemm(kernel.module, kernel.rendered, ins + ([] if bias is None else [bias]), [out], None, cfg)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def explain_quant_matmul(x, qweight: QTensor, bias=None, config=None, *, allow_tf32: bool = False) -> KernelChoice:
+    """The config :func:`quant_matmul` runs with for these arguments and where it came from
+    (override, measured, nearest, shipped, predicted or default), without running it."""
+    kernel, x2, device = _quant_call(x, qweight, bias, allow_tf32, "explain_quant_matmul")
+    (n, k), m = qweight.shape, x2.shape[0]
+    return _choice(kernel, max(1, m), n, k, device, config)
 
 
 # ---- int8 x int8 and fp8 x fp8 ------------------------------------------------------------------
@@ -415,40 +553,59 @@ def fp8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.floa
     return _scaled_reference(a, a_scale, b, b_scale, bias, out_dtype)
 
 
-def _scaled_matmul(template, operand, dtype, a, a_scale, b, b_scale, bias, out_dtype, config, where):
+def _scaled_call(template, dtype, a, a_scale, b, b_scale, bias, out_dtype, where):
+    """Checks, then (kernel, a's scales, b's scales, device) of one int8/fp8 matmul."""
     _check_scaled(a, b, dtype, where)
     if out_dtype not in ACT_DTYPES:
         raise DSLError(f"{where}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    (m, k), n = a.shape, b.shape[0]
+    m, n = a.shape[0], b.shape[0]
     sa, row_vec = _scale_vector(a_scale, m, where, "a_scale")
     sb, col_vec = _scale_vector(b_scale, n, where, "b_scale")
     _check_bias(bias, n, where)
     device = _check_device(a, b, sa, sb, bias)
-    if device.type == "cpu" and out_dtype == torch.bfloat16:
-        raise DSLError(f"{where}: Triton's CPU interpreter computes bfloat16 wrongly; use float16/float32")
+    kernel = _scaled_kernel(template, row_vec, col_vec, bias is not None, _DTYPE_NAMES[out_dtype])
+    return kernel, sa, sb, device
+
+
+def _scaled_matmul(template, dtype, a, a_scale, b, b_scale, bias, out_dtype, config, where):
+    kernel, sa, sb, device = _scaled_call(template, dtype, a, a_scale, b, b_scale, bias, out_dtype, where)
+    (m, k), n = a.shape, b.shape[0]
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=device)
-    shape = {"M": m, "N": n, "K": k, "elem_bytes": 1}
-    cfg = _checked_config(template, config, shape, _kernel_device(device))
-    module = _module(scaled_gemm_source(operand, row_vec, col_vec, bias is not None), template)
-    out = _alloc_out(m, n, cfg["SPLIT_K"], out_dtype, device)
-    module.launch(a, b, sa, sb, bias, out, m, n, k, cfg)
-    return _finish(out, cfg["SPLIT_K"], out_dtype)
+    cfg = _choice(kernel, m, n, k, device, config).config
+    out = torch.empty(m, n, dtype=out_dtype, device=device)
+    invoke_scaled_gemm(kernel.module, kernel.rendered, [a, b, sa, sb] + ([] if bias is None else [bias]), [out],
+                       None, cfg)
+    return out
+
+
+def _explain_scaled(template, dtype, a, a_scale, b, b_scale, bias, out_dtype, config, where) -> KernelChoice:
+    kernel, _, _, device = _scaled_call(template, dtype, a, a_scale, b, b_scale, bias, out_dtype, where)
+    (m, k), n = a.shape, b.shape[0]
+    return _choice(kernel, max(1, m), n, k, device, config)
 
 
 def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, config=None):
     """int8 a [M, K] x int8 b [N, K] -> int32 accumulation, scales (per token / per channel, or
-    per tensor) and bias in the epilogue; output ``out_dtype``."""
-    return _scaled_matmul(
-        "int8_gemm", "int8", torch.int8, a, a_scale, b, b_scale, bias, out_dtype, config, "int8_matmul"
-    )
+    per tensor) and bias in the epilogue; output ``out_dtype``. ``config=None``: as quant_matmul."""
+    return _scaled_matmul("int8_gemm", torch.int8, a, a_scale, b, b_scale, bias, out_dtype, config, "int8_matmul")
+
+
+def explain_int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, config=None) -> KernelChoice:
+    """The config :func:`int8_matmul` runs with for these arguments and where it came from."""
+    return _explain_scaled("int8_gemm", torch.int8, a, a_scale, b, b_scale, bias, out_dtype, config,
+                           "explain_int8_matmul")
 
 
 def fp8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, config=None):
     """fp8 e4m3 a [M, K] x b [N, K] -> float32 accumulation, scales and bias in the epilogue."""
-    return _scaled_matmul(
-        "fp8_gemm", "fp8e4m3", FP8_DTYPE, a, a_scale, b, b_scale, bias, out_dtype, config, "fp8_matmul"
-    )
+    return _scaled_matmul("fp8_gemm", FP8_DTYPE, a, a_scale, b, b_scale, bias, out_dtype, config, "fp8_matmul")
+
+
+def explain_fp8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, config=None) -> KernelChoice:
+    """The config :func:`fp8_matmul` runs with for these arguments and where it came from."""
+    return _explain_scaled("fp8_gemm", FP8_DTYPE, a, a_scale, b, b_scale, bias, out_dtype, config,
+                           "explain_fp8_matmul")
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias=None, config=None):
@@ -458,6 +615,95 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias=N
     xq, xs = quantize_int8_per_token(x.reshape(-1, x.shape[-1]))
     y = int8_matmul(xq, xs, wq, w_scale, bias, out_dtype=x.dtype, config=config)
     return y.reshape(*x.shape[:-1], wq.shape[0])
+
+
+# ---- tuning without an op: `kdsl tune quant_gemm|int8_gemm|fp8_gemm --shape M=..,N=..,K=..` -------
+
+
+def _dtype_option(value, choices: dict, template: str, what: str) -> str:
+    if value not in choices:
+        raise TuningError(f"{template}: --dtype {value} is not a supported {what} dtype "
+                          f"(choose from {', '.join(choices)})")
+    return value
+
+
+def _task(kernel: _Kernel, m: int, n: int, k: int, inputs: list, expected: torch.Tensor, tolerance=None):
+    from autotune.tuner import KernelTask
+
+    problem = kernel.problem(m, n, k)
+    return KernelTask(kernel.template, kernel.name, kernel.template, kernel.key_hash, problem, kernel.module,
+                      kernel.rendered, inputs, [expected], {"M": m, "N": n, "K": k},
+                      default=lambda device: default_config(kernel.template, problem, device), tolerance=tolerance)
+
+
+def _quant_gemm_tasks(shape: dict, options: dict, device, seed: int) -> list:
+    from runtime.quantize import quantize_rtn  # runtime sits above codegen; only tuning needs it
+
+    m, n, k = shape["M"], shape["N"], shape["K"]
+    bits, group_size, asym = options["bits"], options["group_size"], options["asym"]
+    act = _dtype_option(options["dtype"], _ACT_DTYPES, "quant_gemm", "activation")
+    check_format(bits, group_size, (n, k))
+    g = torch.Generator().manual_seed(seed)
+    qweight = quantize_rtn(torch.randn(n, k, generator=g), bits, group_size, not asym).to(device)
+    x = torch.randn(m, k, generator=g).to(_ACT_DTYPES[act]).to(device)
+    kernel = _quant_kernel(bits, group_size, not asym, False, act)
+    inputs = [x, qweight.data, qweight.scales] + ([qweight.zeros] if asym else [])
+    # TF32 keeps 10 mantissa bits, as float16 does: the gate takes the half-precision tolerance.
+    return [_task(kernel, m, n, k, inputs, quant_matmul_reference(x, qweight), 2e-2 if act == "tf32" else None)]
+
+
+def _scaled_gemm_tasks(template: str):
+    def build(shape: dict, options: dict, device, seed: int) -> list:
+        from runtime.quantize import quantize_fp8, quantize_int8_per_channel, quantize_int8_per_token
+
+        m, n, k = shape["M"], shape["N"], shape["K"]
+        out = _dtype_option(options["dtype"], _DTYPES, template, "output")
+        g = torch.Generator().manual_seed(seed)
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        # Per-token and per-channel scales: what int8_linear and row-wise fp8 produce.
+        if template == "int8_gemm":
+            (a, sa), (b, sb) = quantize_int8_per_token(x), quantize_int8_per_channel(w)
+            expected = int8_matmul_reference(a, sa, b, sb, None, _DTYPES[out])
+        else:
+            (a, sa), (b, sb) = quantize_fp8(x, "row"), quantize_fp8(w, "row")
+            expected = fp8_matmul_reference(a, sa, b, sb, None, _DTYPES[out])
+        kernel = _scaled_kernel(template, True, True, False, out)
+        return [_task(kernel, m, n, k, [t.to(device) for t in (a, b, sa, sb)], expected.to(device))]
+
+    return build
+
+
+register_template_tasks(TemplateTasks("quant_gemm", ("M", "N", "K"),
+                                      {"bits": 4, "group_size": 128, "asym": False, "dtype": "f16"},
+                                      _quant_gemm_tasks))
+register_template_tasks(TemplateTasks("int8_gemm", ("M", "N", "K"), {"dtype": "f32"}, _scaled_gemm_tasks("int8_gemm")))
+register_template_tasks(TemplateTasks("fp8_gemm", ("M", "N", "K"), {"dtype": "f32"}, _scaled_gemm_tasks("fp8_gemm")))
+
+
+# ---- cost models: the GEMM roofline with these templates' operands ------------------------------
+# Unpacking one weight: shift, mask, int->float, subtract the zero point, scale, cast to x's dtype.
+_DEQUANT_OPS = 6
+
+
+def _quant_gemm_cost(problem, config, device: Device) -> float:
+    # Weight bytes per element: its share of a packed int32 word plus, per group, a float32 scale
+    # (the quantizers' default) and a uint8 zero point when asymmetric.
+    meta_bytes = 4 + (1 if "zero_bits" in problem else 0)
+    b_bytes = 4 / (32 // problem["bits"]) + meta_bytes / problem["group_size"]
+    work = gemm_work({**problem, "b_bytes": b_bytes, "dequant_ops": _DEQUANT_OPS}, config, device)
+    # Shared memory as the space estimates it: the word tile is loaded unpacked-wide ([BLOCK_K, BLOCK_N]).
+    return roofline_time(dataclasses.replace(work, smem_bytes=_quant_smem(config, problem, _elem_bytes(problem))),
+                         device)
+
+
+def _scaled_gemm_cost(problem, config, device: Device) -> float:
+    work = gemm_work({**problem, "out_bytes": problem["out_bits"] // 8}, config, device)
+    return roofline_time(dataclasses.replace(work, smem_bytes=_scaled_smem(config, problem, 1)), device)
+
+
+register_cost_model("quant_gemm", _quant_gemm_cost)
+register_cost_model("int8_gemm", _scaled_gemm_cost)
+register_cost_model("fp8_gemm", _scaled_gemm_cost)
 
 
 # ---- static compilation for a GPU target (no GPU needed) ---------------------------------------
@@ -591,6 +837,14 @@ __all__ = [
     "int8_linear",
     "fp8_matmul",
     "fp8_matmul_reference",
+    "explain_quant_matmul",
+    "explain_int8_matmul",
+    "explain_fp8_matmul",
+    "invalidate_configs",
+    "problem_quant_gemm",
+    "problem_scaled_gemm",
+    "invoke_quant_gemm",
+    "invoke_scaled_gemm",
     "compile_for_target",
     "static_signature",
     "static_check_configs",

@@ -1,4 +1,9 @@
-"""`kdsl tune FILE.py:OP --shape ...`: tune every kernel of an op at a shape, store the best."""
+"""`kdsl tune FILE.py:OP --shape ...`: tune every kernel of an op at a shape, store the best.
+
+`kdsl tune TEMPLATE --shape ...` does the same for a kernel template that library code launches
+itself, with no op around it (the quantized GEMMs: quant_gemm, int8_gemm, fp8_gemm); its options
+(--bits, --group-size, --asym, --dtype) choose the weight format.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ import multiprocessing as mp
 
 from dsl.errors import KdslError
 
-from .common import load_op, parse_dtype, parse_shape
+from .common import parse_dtype, parse_shape
+
+# Template options as flags: each is the option's name with dashes (see autotune.lookup's
+# template_tune_command, which writes them back into the command a default-config warning names).
+TEMPLATE_OPTIONS = ("bits", "group_size", "asym")
 
 
 def register(sub) -> None:
@@ -16,9 +25,18 @@ def register(sub) -> None:
                                    "database. With --target DEV --offline, rank configs with the cost "
                                    "model and the static check for a GPU you do not have and store "
                                    "'predicted' records.")
-    p.add_argument("target_op", metavar="FILE.py:OP", help="the file and name of a @dsl.op function")
+    p.add_argument("target_op", metavar="FILE.py:OP|TEMPLATE",
+                   help="the file and name of a @dsl.op function, or a kernel template tuned on its own "
+                        "(quant_gemm, int8_gemm, fp8_gemm)")
     p.add_argument("--shape", required=True, help="symbol sizes, e.g. M=128,N=256,K=64")
-    p.add_argument("--dtype", default=None, help="dtype for parameters whose annotation leaves it open")
+    p.add_argument("--dtype", default=None, help="dtype for parameters whose annotation leaves it open; for a "
+                                                 "template its activations (quant_gemm: f16, bf16, f32, tf32; "
+                                                 "default f16) or output (int8_gemm, fp8_gemm: default f32)")
+    p.add_argument("--bits", type=int, default=None, help="quant_gemm: weight bits, 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quant_gemm: weights per scale, 32, 64, 128, 256 or -1 per channel (default 128)")
+    p.add_argument("--asym", action="store_const", const=True, default=None,
+                   help="quant_gemm: asymmetric weights (uint8 zero points); default symmetric")
     p.add_argument("--trials", type=int, default=20, help="measured candidates per kernel (default 20)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing each study (default 1)")
     p.add_argument("--repeats", type=int, default=10, help="timed launches per candidate (median)")
@@ -33,20 +51,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _worker(spec, shape, dtype_name, kernel, trials, quota, repeats, seed, db_url, device_name):
+def _worker(source, kernel, trials, quota, repeats, seed, db_url):
     """One of several processes working on the same study."""
     _quiet_optuna()
-    import dsl.dtypes as dt
     from autotune import tuner
     from autotune.db import TuningDB, optuna_storage
     from autotune.devices import local_device
 
-    op, _ = load_op(spec)
     device = local_device()
-    task = next(t for t in tuner.build_tasks(op, shape, dt.ALL.get(dtype_name), _torch_device())
-                if t.kernel == kernel)
+    task = next(t for t in source.build(_torch_device()) if t.kernel == kernel)
     db = TuningDB(db_url)
-    runner = tuner.IsolatedRunner(spec, shape, dtype_name) if device.vendor != "cpu" else None
+    runner = tuner.IsolatedRunner(source) if device.vendor != "cpu" else None
     try:
         tuner.tune_task(task, trials=trials, device=device, db=db, storage=optuna_storage(db_url),
                         seed=seed, repeats=repeats, runner=runner, quota=quota)
@@ -54,6 +69,26 @@ def _worker(spec, shape, dtype_name, kernel, trials, quota, repeats, seed, db_ur
         if runner is not None:
             runner.close()
         db.close()
+
+
+def task_source(args):
+    """What to tune, checked: an op file or a registered template with its options."""
+    from autotune import tuner
+
+    shape = parse_shape(args.shape)
+    options = {name: getattr(args, name) for name in TEMPLATE_OPTIONS if getattr(args, name) is not None}
+    spec = args.target_op
+    if ":" in spec or spec.endswith(".py"):
+        if options:
+            flags = ", ".join("--" + name.replace("_", "-") for name in options)
+            raise KdslError(f"{flags}: only for kernel templates tuned on their own "
+                            f"({', '.join(sorted(tuner.TEMPLATE_TASKS))}), not for an op")
+        if args.dtype:
+            parse_dtype(args.dtype)
+    elif tuner.template_tasks(spec) is None:
+        raise KdslError(f"'{spec}' is neither FILE.py:OP (a @dsl.op function) nor a kernel template tuned on "
+                        f"its own ({', '.join(sorted(tuner.TEMPLATE_TASKS))})")
+    return tuner.TaskSource.of(spec, shape, args.dtype, options, args.seed)
 
 
 def _torch_device():
@@ -86,20 +121,19 @@ def run(args) -> int:
         raise KdslError("--trials, --workers and --repeats must be >= 1")
     if args.offline and not args.target:
         raise KdslError("--offline needs --target DEV (the device to predict for)")
-    op, _ = load_op(args.target_op)
-    shape = parse_shape(args.shape)
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    source = task_source(args)
     console = Console()
     here = local_device()
     device = get_device(args.target) if args.target else here
     if not args.offline and args.target and device.arch != here.arch:
         raise KdslError(f"cannot measure for {device.name} on {here.name}; add --offline to predict")
-    tasks = tuner.build_tasks(op, shape, dtype, "meta" if args.offline else _torch_device(), args.seed) \
-        if not args.offline else tuner.build_tasks(op, shape, dtype, "cpu", args.seed)
+    # Offline, nothing runs: the inputs only give the launch its types and the cost model its sizes.
+    tasks = source.build("cpu" if args.offline else _torch_device())
+    name = tasks[0].op_name if tasks else args.target_op
     if args.kernel:
         tasks = [t for t in tasks if t.kernel == args.kernel]
         if not tasks:
-            raise KdslError(f"op '{op.name}' has no kernel '{args.kernel}'")
+            raise KdslError(f"'{name}' has no kernel '{args.kernel}'")
     db = TuningDB(args.db)
     results = []
     try:
@@ -109,11 +143,11 @@ def run(args) -> int:
         else:
             storage = optuna_storage(args.db)
             for task in tasks:
-                results.append(_tune_one(task, args, device, db, storage, console, Progress, BarColumn,
+                results.append(_tune_one(task, source, args, device, db, storage, console, Progress, BarColumn,
                                          TextColumn, TimeElapsedColumn))
     finally:
         db.close()
-    table = Table(title=f"kdsl tune {op.name} at {args.shape} on {device.name}")
+    table = Table(title=f"kdsl tune {name} at {args.shape} on {device.name}")
     for col in ("kernel", "template", "problem", "best config", "time", "vs default", "measured", "failed"):
         table.add_column(col)
     for r in results:
@@ -132,7 +166,8 @@ def run(args) -> int:
     return 0
 
 
-def _tune_one(task, args, device, db, storage, console, Progress, BarColumn, TextColumn, TimeElapsedColumn):
+def _tune_one(task, source, args, device, db, storage, console, Progress, BarColumn, TextColumn,
+              TimeElapsedColumn):
     from autotune import tuner
 
     study = tuner.open_study(task, device, db, storage, args.seed)
@@ -141,9 +176,8 @@ def _tune_one(task, args, device, db, storage, console, Progress, BarColumn, Tex
         ctx = mp.get_context("spawn")
         shares = [remaining // args.workers + (1 if i < remaining % args.workers else 0)
                   for i in range(args.workers)]
-        procs = [ctx.Process(target=_worker, args=(args.target_op, parse_shape(args.shape), args.dtype,
-                                                   task.kernel, args.trials, share, args.repeats,
-                                                   args.seed + i, args.db, device.name))
+        procs = [ctx.Process(target=_worker, args=(source, task.kernel, args.trials, share, args.repeats,
+                                                   args.seed + i, args.db))
                  for i, share in enumerate(shares) if share]
         with console.status(f"{task.kernel}: {len(procs)} workers measuring {remaining} candidates"):
             for p in procs:
@@ -155,8 +189,7 @@ def _tune_one(task, args, device, db, storage, console, Progress, BarColumn, Tex
             console.print(f"[yellow]{len(bad)} worker(s) exited with errors; completed trials are kept[/yellow]")
         return tuner.tune_task(task, trials=args.trials, device=device, db=db, storage=storage,
                                seed=args.seed, repeats=args.repeats, study=study)
-    runner = tuner.IsolatedRunner(args.target_op, parse_shape(args.shape), args.dtype) \
-        if device.vendor != "cpu" else None
+    runner = tuner.IsolatedRunner(source) if device.vendor != "cpu" else None
     best = [None]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console,
