@@ -43,7 +43,7 @@ def render_group(graph, group, op_name: str) -> Rendered:
 
 
 # Template families with their own Python entry points; importing them registers their spaces.
-from . import attention, moe, quant_gemm  # noqa: E402,F401
+from . import attention, moe, quant_gemm, quant_moe  # noqa: E402,F401
 
 __all__ = ["INVOKERS", "PROBLEMS", "TOKEN_DIMS", "RENDERERS", "Rendered", "register_renderer", "register_invoker",
            "render_group"]

@@ -1,14 +1,16 @@
 """runtime.nn.MoE.quantize_experts: packed quantized experts equal the float layer with the
-dequantized weights (torch path and the quant_gemm kernels under the interpreter), at edge
-routings, and GPTQ calibrated per expert beats round-to-nearest."""
+dequantized weights (torch path and the grouped quant_moe_gemm kernels under the interpreter), at
+edge routings, and GPTQ calibrated per expert beats round-to-nearest; the experts' layers read views
+of the stacked buffers."""
 
 import copy
 
 import pytest
 import torch
 
+from codegen.kernels.quant_moe import quant_moe_experts_reference
 from dsl.errors import DSLError
-from runtime.nn import MoE
+from runtime.nn import MoE, QuantExperts
 from runtime.quantize import sqnr_db
 
 
@@ -112,3 +114,47 @@ def test_bad_use_is_a_clear_error():
     q_moe.train()
     with pytest.raises(DSLError, match="for inference"):
         q_moe(torch.randn(3, 64))
+
+
+def _routing(tokens, experts, top_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    return ids, torch.rand(tokens, top_k, generator=g)
+
+
+@pytest.mark.parametrize("bits, group_size, sym", [(4, 32, False), (3, -1, True)])
+def test_quant_experts_triton_backend_equals_the_reference_path(bits, group_size, sym):
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(5, 64, 64) / 8, torch.randn(5, 64, 32) / 8
+    experts = QuantExperts.from_weights(w13, w2, bits=bits, group_size=group_size, sym=sym, backend="triton")
+    x = torch.randn(11, 64)
+    ids, weights = _routing(11, 5, 2, seed=1)
+    with torch.no_grad():
+        got = experts(x, ids, weights)              # the grouped kernels (interpreter)
+        experts.backend = "torch"
+        want = experts(x, ids, weights)             # the per-expert QuantLinear loop
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 1e-4 * scale
+    assert (got - quant_moe_experts_reference(x, ids, weights, *experts.stacked())).abs().max() <= 1e-4 * scale
+    with pytest.raises(DSLError, match=r"must lie in \[0, 5\)"):
+        experts(x, ids + 5, weights)
+
+
+def test_experts_read_views_of_the_stacked_buffers():
+    experts = QuantExperts.from_weights(torch.randn(3, 64, 64), torch.randn(3, 64, 32), bits=4, group_size=32,
+                                        sym=False, backend="torch")
+    assert sorted(experts.state_dict()) == ["w13_qweight", "w13_scales", "w13_zeros",
+                                            "w2_qweight", "w2_scales", "w2_zeros"]
+
+    def shares_storage(module):
+        return all(layer.qweight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+                   for layers, stacked in ((module.gate_up, module.w13_qweight), (module.down, module.w2_qweight))
+                   for layer in layers)
+
+    assert shares_storage(experts)
+    half = copy.deepcopy(experts).half()            # moving or casting re-points the views
+    assert shares_storage(half) and half.gate_up[2].scales.dtype == torch.float16
+    torch.testing.assert_close(half.down[1].dequantized_weight(torch.float32),
+                               experts.down[1].dequantized_weight(torch.float32), rtol=1e-3, atol=1e-3)
+    with pytest.raises(DSLError, match="different formats"):
+        QuantExperts(experts.gate_up[:2] + half.gate_up[2:], experts.down)
