@@ -33,9 +33,11 @@ def operand(name: str, var: str, dtype, offset: str) -> dict:
             "offset": Code(offset)}
 
 
-def strided_offset(name: str, dims) -> str:
+def strided_offset(name: str, dims, lanes: str = "offs") -> str:
     terms = [f"{idx} * {name}_s{d}" for d, idx in dims]
-    return " + ".join(terms) if terms else "0"
+    # A 0-d tensor still needs a block of offsets: a scalar pointer cannot take the block mask
+    # (lane 0 is the only one unmasked, numel being 1).
+    return " + ".join(terms) if terms else f"{lanes} * 0"
 
 
 def print_body(graph: Graph, node_ids, names: dict[Ref, str], indent: int = 4):

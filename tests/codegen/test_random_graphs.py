@@ -3,7 +3,7 @@ Triton backend, or is rejected with a DSLError naming the node (never an interna
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dsl
@@ -63,6 +63,7 @@ def make_op(steps):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(step, min_size=1, max_size=6), m=st.integers(1, 37), n=st.integers(1, 70))
+@example(steps=[("reduce", "sum", 1, 0), ("unary", "exp", 3)], m=1, n=5)   # a 0-d pointwise kernel
 def test_random_program(steps, m, n):
     op = make_op(steps)
     try:
