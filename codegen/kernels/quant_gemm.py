@@ -804,25 +804,13 @@ def compile_for_target(template: str, config: dict, *, arch: int = 90, **variant
 def static_check_configs(template: str, configs, target: Device, **variant):
     """Verdicts of :func:`autotune.static_check.check_configs` (compile for ``target`` in a worker
     process, judge shared memory, registers and spills) for configs of one kernel variant."""
-    from autotune.static_check import check_configs
+    from autotune.static_check import check_config_groups
 
-    verdicts = [None] * len(configs)
-    for split_partials in (False, True):
-        idx = [i for i, c in enumerate(configs) if (c["SPLIT_K"] > 1) == split_partials]
-        if not idx:
-            continue
-        fn, signature = static_signature(template, split_k=2 if split_partials else 1, **variant)
-        batch = [
-            {
-                **_constexprs(configs[i]),
-                "num_warps": configs[i]["num_warps"],
-                "num_stages": configs[i]["num_stages"],
-            }
-            for i in idx
-        ]
-        for i, verdict in zip(idx, check_configs(fn, signature, batch, target)):
-            verdicts[i] = verdict
-    return verdicts
+    def kernel_of(split_partials: bool):
+        return (*static_signature(template, split_k=2 if split_partials else 1, **variant), {})
+
+    return check_config_groups(configs, target, group_of=lambda c: c["SPLIT_K"] > 1, kernel_of=kernel_of,
+                               constexprs_of=_constexprs)
 
 
 __all__ = [

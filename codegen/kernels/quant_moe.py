@@ -470,17 +470,11 @@ def compile_for_target(mode: str, config: dict, *, arch: int = 90, **variant):
 def static_check_configs(mode: str, configs, target: Device, **variant):
     """Verdicts of :func:`autotune.static_check.check_configs` (compile for ``target`` in a worker
     process; shared memory, registers, spills) for configs of one GEMM and weight format."""
-    from autotune.static_check import check_configs
+    from autotune.static_check import check_config_groups
 
-    verdicts = [None] * len(configs)
-    for split_k in sorted({c["SPLIT_K"] for c in configs}):
-        idx = [i for i, c in enumerate(configs) if c["SPLIT_K"] == split_k]
-        fn, signature, units = static_signature(mode, split_k=split_k, **variant)
-        batch = [_constexprs(configs[i]) | units | {"num_warps": configs[i]["num_warps"],
-                                                    "num_stages": configs[i]["num_stages"]} for i in idx]
-        for i, verdict in zip(idx, check_configs(fn, signature, batch, target)):
-            verdicts[i] = verdict
-    return verdicts
+    return check_config_groups(configs, target, group_of=lambda c: c["SPLIT_K"],
+                               kernel_of=lambda split_k: static_signature(mode, split_k=split_k, **variant),
+                               constexprs_of=_constexprs)
 
 
 __all__ = [
