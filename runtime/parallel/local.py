@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,10 +20,7 @@ import torch.multiprocessing as mp
 from dsl.errors import TrainingError
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_STORE_TIMEOUT = timedelta(seconds=120)
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue,
@@ -33,8 +29,10 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
     # enter a thread pool its parent created.
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=120))
+        # The rendezvous store is served by the parent (see run_local_group): every rank is a client.
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=_STORE_TIMEOUT)
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -59,7 +57,13 @@ def run_local_group(fn: Callable, world_size: int, *args, backend: str = "gloo",
     method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     ctx = mp.get_context(method)
     queue = ctx.SimpleQueue()
-    port = free_port()
+    # The parent serves the rendezvous store on a port the OS picks as it binds (port 0), so no other
+    # process can take the port between choosing and binding it, and the store outlives every rank:
+    # with rank 0 serving it, a rank that fails fast and exits takes the store down while the others
+    # are still connecting (a gloo connection race seen under a parallel test run).
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=_STORE_TIMEOUT)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue, threads),
                          daemon=True) for r in range(world_size)]
     for p in procs:
@@ -80,6 +84,7 @@ def run_local_group(fn: Callable, world_size: int, *args, backend: str = "gloo",
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store
     if errors:
         raise TrainingError("a local distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

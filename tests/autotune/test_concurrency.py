@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 
 import optuna
 
@@ -132,12 +133,31 @@ def _doomed_worker(url: str, study_name: str, marker: str, kill_at: int) -> None
     def objective(trial):
         value = _objective(trial)  # parameters are suggested (and stored) first
         if trial.number == kill_at:
+            # Optuna's heartbeat thread writes its first beat asynchronously; a kill before that
+            # commit would leave a RUNNING trial with no heartbeat, which is never judged stale.
+            # Beat once ourselves so the trial the parent kills is certain to have one.
+            study._storage.record_heartbeat(trial._trial_id)
             with open(marker, "w") as fh:
                 fh.write(str(trial.number))
             time.sleep(600)  # the parent kills us here, with this trial RUNNING
         return value
 
     study.optimize(objective, n_trials=100)
+
+
+def _fail_stale(study: optuna.Study, number: int, timeout: float) -> None:
+    """Run Optuna's stale-trial sweep until trial ``number`` is failed (and re-enqueued).
+
+    Polled, not slept: SQLite's CURRENT_TIMESTAMP has one-second resolution, so the moment a
+    heartbeat counts as older than the grace period varies by up to a second from run to run.
+    """
+    deadline = time.monotonic() + timeout
+    while study.trials[number].state == optuna.trial.TrialState.RUNNING:
+        assert time.monotonic() < deadline, "the killed trial never became stale"
+        time.sleep(0.2)
+        with warnings.catch_warnings():  # Optuna marks this public helper experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
 
 
 def _wait_for(path: str, timeout: float) -> None:
@@ -168,8 +188,8 @@ def test_sigkilled_worker_resumes_without_losing_trials(toy, db_url, tmp_path):
     assert sorted(before) == list(range(kill_at))
     assert study.trials[kill_at].state == optuna.trial.TrialState.RUNNING
 
-    time.sleep(2.5)  # let the dead worker's heartbeat go stale
-    # Resume: run what is missing to reach the target; the stale trial is failed and retried first.
+    _fail_stale(study, kill_at, timeout=30)
+    # Resume: run what is missing to reach the target; the failed trial's retry runs first.
     remaining = target - len(before)
     study.optimize(_objective, n_trials=remaining)
 
