@@ -585,7 +585,7 @@ class TuningDB:
                     triton_version: str | None = None, kdsl_version: str | None = None,
                     created_at: dt.datetime | None = None) -> Record:
         """A checked :class:`Record` (raises TuningError); the config is validated by its template's space."""
-        from .space import get_space
+        from codegen.template import get_space
 
         if source not in SOURCES:
             raise TuningError(f"record source must be one of {SOURCES}, got {source!r}")

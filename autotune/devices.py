@@ -97,13 +97,19 @@ def local_device() -> Device:
     if not torch.cuda.is_available():
         return cpu_device()
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    cc = props.major * 10 + props.minor
-    for dev in DEVICES.values():
-        if dev.vendor == "nvidia" and dev.compute_capability == cc and dev.sm_count == props.multi_processor_count:
-            return dataclasses.replace(dev, full_name=props.name, memory_bytes=props.total_memory)
+    return match_nvidia(props.name, props.major * 10 + props.minor, props.multi_processor_count, props.total_memory)
+
+
+def match_nvidia(name: str, cc: int, sm_count: int, memory_bytes: int) -> Device:
+    """The descriptor of a CUDA device from what the driver reports. An H200 and an H100 SXM share
+    sm_90 and 132 SMs; the name and the memory (141 GB against 80 GB) tell them apart."""
+    same_chip = [d for d in DEVICES.values()
+                 if d.vendor == "nvidia" and d.compute_capability == cc and d.sm_count == sm_count]
+    if same_chip:
+        named = [d for d in same_chip if d.name in name.lower().replace(" ", "")]
+        dev = named[0] if named else min(same_chip, key=lambda d: abs(d.memory_bytes - memory_bytes))
+        return dataclasses.replace(dev, full_name=name, memory_bytes=memory_bytes)
     # An unlisted GPU: keep what the driver tells us, borrow rates from the closest architecture.
-    base = min((d for d in DEVICES.values() if d.vendor == "nvidia"),
-               key=lambda d: abs(d.compute_capability - cc))
-    return dataclasses.replace(base, name=props.name.lower().replace(" ", "_"), full_name=props.name,
-                               compute_capability=cc, arch=f"sm_{cc}",
-                               sm_count=props.multi_processor_count, memory_bytes=props.total_memory)
+    base = min((d for d in DEVICES.values() if d.vendor == "nvidia"), key=lambda d: abs(d.compute_capability - cc))
+    return dataclasses.replace(base, name=name.lower().replace(" ", "_"), full_name=name, compute_capability=cc,
+                               arch=f"sm_{cc}", sm_count=sm_count, memory_bytes=memory_bytes)

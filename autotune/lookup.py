@@ -21,7 +21,7 @@ from dsl.errors import TuningError
 from .db import Record, TuningDB, installed_triton_version
 from .devices import Device, local_device
 from .shape_keys import DEFAULT_MAX_RATIO, check_shape, nearest_shape, shape_key
-from .space import get_space
+from codegen.template import get_space
 
 LABELS = ("override", "measured", "nearest", "shipped", "predicted", "default")
 

@@ -142,7 +142,7 @@ def _created_at(value: Any) -> dt.datetime:
 
 def parse_line(data: Any) -> Record:
     """Validate one decoded JSON line; raises LineError naming the first bad field."""
-    from .space import get_space
+    from codegen.template import get_space
 
     if not isinstance(data, dict):
         raise LineError("<line>", f"expected a JSON object, got {type(data).__name__}")

@@ -24,8 +24,11 @@ from dsl.errors import KdslError, TuningError
 from dsl.reference import run_all
 from dsl.trace import Op
 
+from codegen.program import TritonProgram
+from codegen.space import SearchSpace
+from codegen.template import KernelTemplate, get_template
+
 from .devices import Device
-from .space import SearchSpace, get_space
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -53,11 +56,17 @@ class KernelTask:
     tolerance: float | None = None
 
     @property
+    def kernel_template(self) -> KernelTemplate:
+        return get_template(self.template)
+
+    @property
     def space(self) -> SearchSpace:
-        return get_space(self.template)
+        return self.kernel_template.space
 
     def default_config(self, device: Device) -> dict:
-        return dict(self.default(device)) if self.default is not None else dict(self.space.default)
+        if self.default is not None:
+            return dict(self.default(device))
+        return self.kernel_template.default_config(self.problem, device)
 
 
 @dataclasses.dataclass
@@ -78,7 +87,8 @@ class TuneResult:
 
 
 def example_inputs(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: int = 0):
-    """Random inputs for ``op`` with every symbol bound by ``shape`` (floats ~ N(0, 1)/4)."""
+    """Random inputs for ``op`` with every symbol bound by ``shape`` (floats ~ N(0, 1)/4). On the
+    meta device the tensors have types and sizes but no data (offline tuning reads only those)."""
     import dsl.dtypes as dt
 
     missing = sorted({d for p in op.params for d in p.spec.dims if isinstance(d, str)} - set(shape))
@@ -90,7 +100,9 @@ def example_inputs(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed
     for p in op.params:
         d = p.spec.dtype or dtype or dt.f32
         size = tuple(s if isinstance(s, int) else shape[s] for s in p.spec.dims)
-        if d.is_float:
+        if str(device) == "meta":
+            t = torch.empty(size, dtype=d.torch, device="meta")
+        elif d.is_float:
             t = (torch.randn(size, generator=g) / 4).to(d.torch)
         elif d is dt.bool_:
             t = torch.rand(size, generator=g) > 0.5
@@ -100,21 +112,55 @@ def example_inputs(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed
     return tensors
 
 
-def build_tasks(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: int = 0,
-                tensors=None) -> list[KernelTask]:
-    """The kernels of ``op`` at ``shape``, each with its inputs and the outputs it must produce."""
-    from codegen import kernels as K
-    from runtime.executor import TritonProgram
+def _typed_values(graph, env, refs) -> dict:
+    """Meta tensors of the graph's types at ``env``: what each kernel reads and writes, without data."""
+    from dsl import shapes as sh
 
-    tensors = tensors if tensors is not None else example_inputs(op, shape, dtype, device, seed)
-    graph, tensors, env = op.bind(tensors, {})
-    program = TritonProgram(graph, op.name)
-    values = run_all(graph, tensors, env)
+    out = {}
+    for ref in refs:
+        t = graph.type_of(ref)
+        out[ref] = torch.empty(tuple(sh.evaluate(d, env) for d in t.shape), dtype=t.dtype.torch, device="meta")
+    return out
+
+
+def build_tasks(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: int = 0,
+                tensors=None, backward: bool = False, attrs: dict | None = None) -> list[KernelTask]:
+    """The kernels of ``op`` at ``shape``, each with its inputs and the outputs it must produce.
+
+    ``device="meta"``: typed stand-ins and no reference run, for offline tuning at full model sizes
+    (what the cost model and the static check read: sizes, dtypes, the launch's arguments).
+    ``backward``: the kernels of the op's backward graph (inputs, then one cotangent per output, as
+    the compiled op's backward runs it). ``attrs``: the op's static keyword attributes (each value
+    traces its own graph, so its own kernels and records)."""
+    from dsl.autodiff import grad
+    from dsl.graph import Ref
+
+    meta = str(device) == "meta"
+    if tensors is None:
+        factory = getattr(op, "example_inputs", None)
+        tensors = (example_inputs(op, shape, dtype, device, seed) if factory is None or meta
+                   else factory(shape, dtype, device, seed))
+    graph, tensors, env = op.bind(tensors, dict(attrs or {}))
+    if backward:
+        forward, graph = graph, grad(graph)
+        if meta:
+            tensors = list(_typed_values(graph, env, [Ref(i) for i in graph.inputs]).values())
+        else:
+            g = torch.Generator().manual_seed(seed + 1)
+            outs = [run_all(forward, tensors, env)[ref] for ref in forward.outputs]
+            tensors = list(tensors) + [(torch.randn(o.shape, generator=g) / 4).to(o.dtype).to(o.device)
+                                       for o in outs]
+    program = TritonProgram(graph, op.name + ("_bwd" if backward else ""))
+    if meta:
+        refs = {ref for r in program.rendered.values() for ref in (*r.input_refs, *r.output_refs)}
+        values = _typed_values(graph, env, refs)
+    else:
+        values = run_all(graph, tensors, env)
     tasks = []
     for info in program.infos:
         r = program.rendered[info.name]
         tasks.append(KernelTask(op.name, info.name, info.template, info.source_hash,
-                                K.PROBLEMS[r.template](r, env), program.module(info.name), r,
+                                get_template(r.template).problem(r, env), program.module(info.name), r,
                                 [values[ref] for ref in r.input_refs],
                                 [values[ref] for ref in r.output_refs], env))
     return tasks
@@ -126,7 +172,7 @@ def build_tasks(op: Op, shape: dict[str, int], dtype=None, device="cpu", seed: i
 @dataclasses.dataclass(frozen=True)
 class TemplateTasks:
     """How to tune a kernel template directly, at a shape, without a DSL op: the quantized GEMMs,
-    whose weights (``dsl.QTensor``) are no graph type. Registered by the template's module.
+    whose weights (``dsl.QTensor``) are no graph type. Declared in ``autotune.template_tasks``.
 
     ``build(shape, options, device, seed) -> [KernelTask]`` makes the inputs (random weights
     quantized the way the runtime's are), the reference outputs and the kernels. ``dims`` are the
@@ -140,18 +186,16 @@ class TemplateTasks:
     build: Callable[..., list]
 
 
-TEMPLATE_TASKS: dict[str, TemplateTasks] = {}
+def template_task_names() -> list[str]:
+    from .template_tasks import TEMPLATE_TASKS
 
-
-def register_template_tasks(spec: TemplateTasks) -> TemplateTasks:
-    TEMPLATE_TASKS[spec.template] = spec
-    return spec
+    return sorted(TEMPLATE_TASKS)
 
 
 def template_tasks(name: str) -> TemplateTasks | None:
-    """The registered task builder of template ``name``, or None."""
-    if name not in TEMPLATE_TASKS:
-        import codegen.kernels  # noqa: F401  (template modules register on import)
+    """The task builder of template ``name`` (tuned without an op), or None."""
+    from .template_tasks import TEMPLATE_TASKS
+
     return TEMPLATE_TASKS.get(name)
 
 
@@ -161,7 +205,7 @@ def build_template_tasks(name: str, shape: dict[str, int], options: dict | None 
     spec = template_tasks(name)
     if spec is None:
         raise TuningError(f"unknown template '{name}' (templates tuned without an op: "
-                          f"{', '.join(sorted(TEMPLATE_TASKS)) or 'none'}; or give FILE.py:OP)")
+                          f"{', '.join(template_task_names()) or 'none'}; or give FILE.py:OP)")
     missing = [d for d in spec.dims if d not in shape]
     extra = sorted(set(shape) - set(spec.dims))
     if missing or extra:
@@ -189,11 +233,14 @@ class TaskSource:
     dtype: str | None = None
     options: tuple[tuple[str, object], ...] = ()
     seed: int = 0
+    attrs: tuple[tuple[str, object], ...] = ()   # static keyword attributes of the op
+    backward: bool = False                        # tune the op's backward kernels
 
     @classmethod
     def of(cls, spec: str, shape: dict, dtype: str | None = None, options: dict | None = None,
-           seed: int = 0) -> "TaskSource":
-        return cls(spec, tuple(sorted(shape.items())), dtype, tuple(sorted((options or {}).items())), seed)
+           seed: int = 0, attrs: dict | None = None, backward: bool = False) -> "TaskSource":
+        return cls(spec, tuple(sorted(shape.items())), dtype, tuple(sorted((options or {}).items())), seed,
+                   tuple(sorted((attrs or {}).items())), backward)
 
     @property
     def is_template(self) -> bool:
@@ -206,20 +253,19 @@ class TaskSource:
                 options["dtype"] = self.dtype
             return build_template_tasks(self.spec, dict(self.shape), options, device, self.seed)
         import dsl.dtypes as dt
-        from runtime.cli.common import load_op
+        from dsl.loader import load_op
 
         op, _ = load_op(self.spec)
-        return build_tasks(op, dict(self.shape), dt.ALL.get(self.dtype), device, self.seed)
+        return build_tasks(op, dict(self.shape), dt.ALL.get(self.dtype), device, self.seed,
+                           backward=self.backward, attrs=dict(self.attrs))
 
 
 # -- running and checking one candidate --------------------------------------------------------
 
 
 def launch(task: KernelTask, config: dict) -> list[torch.Tensor]:
-    from codegen import kernels as K
-
     outs = [torch.empty_like(e) for e in task.expected]
-    K.INVOKERS[task.template](task.module, task.rendered, task.inputs, outs, task.env, config)
+    task.kernel_template.launch(task.module, task.rendered, task.inputs, outs, task.env, config)
     return outs
 
 
@@ -380,11 +426,9 @@ def launch_spec(task: KernelTask, config: dict) -> LaunchSpec:
 
     setattr(task.module, name, _Recorder())
     try:
-        from codegen import kernels as K
-
         outs = [torch.empty_like(e, device="meta") for e in task.expected]
         ins = [t.to("meta") for t in task.inputs]
-        K.INVOKERS[task.template](task.module, task.rendered, ins, outs, task.env, config)
+        task.kernel_template.launch(task.module, task.rendered, ins, outs, task.env, config)
     finally:
         setattr(task.module, name, jit_fn)
     names = list(jit_fn.arg_names)
@@ -468,12 +512,10 @@ def measured_trials(study) -> int:
 
 def warm_start(task: KernelTask, device: Device, db, top: int = 5) -> list[dict]:
     """The template default, configs tuned for nearby shapes, and the cost model's best guesses."""
-    from codegen import kernels as K
-
     configs = [task.default_config(device)]
     if db is not None:
         near = db.nearest(source_hash=task.source_hash, device=device, shape=task.problem,
-                          token_dim=K.TOKEN_DIMS.get(task.template, "M"))
+                          token_dim=task.kernel_template.token_dim)
         if near is not None:
             configs.insert(0, dict(near.config))
     try:
@@ -569,10 +611,12 @@ def _tile_class(config: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in config.items() if k not in ("num_stages", "GROUP_M")))
 
 
-def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int = 16, batch: int = 4) -> TuneResult:
+def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int = 16, batch: int = 4,
+                 feasible: Callable[[dict], str | None] | None = None) -> TuneResult:
     """Offline: rank by the cost model, keep the best that passes the static check for ``target``.
 
-    Candidates are compiled a few at a time in one worker process.
+    Candidates are compiled a few at a time in one worker process. ``feasible(config) -> reason or
+    None`` replaces the constraints + static check (for tests and for targets with no compiler).
     """
     from .cost_model import predict, rank
 
@@ -590,14 +634,16 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
         todo = []
         while pending and len(todo) < batch:
             config = pending.pop(0)
-            bad = task.space.violations(config, task.problem, target)
-            if bad:
-                failures.append(f"{config}: violates {', '.join(bad)}")
+            bad = task.space.violations(config, task.problem, target) if feasible is None else []
+            reason = f"violates {', '.join(bad)}" if bad else (feasible(config) if feasible else None)
+            if reason:
+                failures.append(f"{config}: {reason}")
             else:
                 todo.append(config)
         if not todo:
             continue
-        verdicts = _check_batch(task, todo, target) if target.vendor == "nvidia" else [None] * len(todo)
+        check = target.vendor == "nvidia" and feasible is None
+        verdicts = _check_batch(task, todo, target) if check else [None] * len(todo)
         for config, verdict in zip(todo, verdicts):
             if verdict is not None and not verdict.ok:
                 failures.append(f"{config}: static check: {verdict.reason}")
@@ -633,5 +679,5 @@ def _check_batch(task: KernelTask, configs: list[dict], target: Device) -> list:
 __all__ = ["KernelTask", "TuneResult", "build_tasks", "example_inputs", "tune_task", "predict_task",
            "IsolatedRunner", "in_process_runner", "CandidateFailure", "static_filter", "study_name",
            "launch_signature", "launch_spec", "LaunchSpec", "cost_problem", "warm_start", "measured_trials",
-           "open_study", "TemplateTasks", "TEMPLATE_TASKS", "register_template_tasks", "template_tasks",
+           "open_study", "TemplateTasks", "template_task_names", "template_tasks",
            "build_template_tasks", "TaskSource"]

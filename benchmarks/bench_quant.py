@@ -34,7 +34,7 @@ DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 def _torch_int8_weights(w: torch.Tensor, dtype: torch.dtype):
     if not hasattr(torch, "_weight_int8pack_mm"):
         return None
-    from runtime.quantize import quantize_int8_per_channel
+    from dsl.quantize import quantize_int8_per_channel
 
     wq, ws = quantize_int8_per_channel(w)
     ws = ws.to(dtype)
@@ -74,7 +74,7 @@ CPU_METHODS = (
 
 def run_cpu(n: int, k: int, batches, repeats: int, bits: int, group_size: int) -> dict:
     from runtime.nn.quant_linear import QuantLinear
-    from runtime.quantize import sqnr_db
+    from dsl.quantize import sqnr_db
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n, bias=False)
@@ -133,8 +133,9 @@ def run_gpu(n: int, k: int, batches, tune: bool) -> dict:
     import triton.testing
 
     from autotune.devices import local_device
-    from codegen.kernels.quant_gemm import QUANT_GEMM_SPACE, default_config, quant_matmul
-    from runtime.quantize import quantize_rtn, sqnr_db
+    from codegen.kernels.quant_gemm import QUANT_GEMM_SPACE, default_config
+    from runtime.ops.quant import quant_matmul
+    from dsl.quantize import quantize_rtn, sqnr_db
 
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02

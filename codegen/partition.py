@@ -43,10 +43,6 @@ class Step:
     kernel: KernelGroup | None = None
 
 
-# Which template an anchor primitive takes; later packages add theirs (grouped GEMM, attention...).
-ANCHOR_TEMPLATES: dict[str, str] = {"matmul": "gemm"}
-
-
 def _single_use(graph: Graph, ref: Ref, outputs: set[Ref]) -> Node | None:
     uses = graph.uses_of(ref)
     if ref in outputs or len(uses) != 1:
@@ -74,10 +70,13 @@ def partition(graph: Graph) -> list[Step]:
             owner[user.id] = group
             cur = user
 
-    # 1. anchors
+    # 1. anchors (each template names the primitives it anchors)
+    from .template import anchor_templates
+
+    anchors = anchor_templates()
     for node in order:
         if get(node.op).kind == ANCHOR:
-            template = ANCHOR_TEMPLATES.get(node.op, node.op)
+            template = anchors.get(node.op, node.op)
             g = KernelGroup(f"k{len(groups)}_{template}", template, [], anchor=node.id)
             owner[node.id] = g
             groups.append(g)
@@ -201,4 +200,4 @@ def kernels(steps: list[Step]) -> list[KernelGroup]:
     return [s.kernel for s in steps if s.kind == "kernel"]
 
 
-__all__ = ["KernelGroup", "Step", "partition", "kernels", "ANCHOR_TEMPLATES", "EXTERN"]
+__all__ = ["KernelGroup", "Step", "partition", "kernels", "EXTERN"]

@@ -19,7 +19,7 @@ from dsl.reference import plan as reference_plan
 from dsl.reference import run as run_reference
 from dsl.trace import Op, bind_shapes
 
-from .executor import KernelInfo, TritonProgram
+from codegen.program import KernelInfo, TritonProgram
 
 BACKENDS = ("auto", "triton", "torch")
 _counter = itertools.count()

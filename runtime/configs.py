@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 
-from codegen import kernels as K
+from codegen.template import get_template
 
 
 class CompiledOpResolver:
@@ -27,11 +27,9 @@ class CompiledOpResolver:
         override = self.overrides.get(kernel.name) or self.overrides.get(kernel.template)
         if override is None and not all(problem.values()):
             # An empty problem launches nothing: there is no config to tune or look up.
-            from autotune.space import get_space
-
-            return dict(get_space(kernel.template).default), "default", "empty problem, nothing to launch"
+            return dict(get_template(kernel.template).space.default), "default", "empty problem, nothing to launch"
         return tuple(self.chain.resolve(kernel.template, kernel.source_hash, problem,
-                                        token_dim=K.TOKEN_DIMS.get(kernel.template, "M"),
+                                        token_dim=get_template(kernel.template).token_dim,
                                         op_file=self.op_file, op_name=self.op_name, override=override,
                                         op_shape=env))
 

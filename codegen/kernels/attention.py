@@ -6,7 +6,6 @@ of the rendered source, hence of the source hash that keys records too)."""
 
 from __future__ import annotations
 
-from autotune.space import SearchSpace, register_space
 from dsl import dtypes as dt
 from dsl import shapes as sh
 from dsl.attention_prims import (check_attention_sizes, check_heads, check_paged, resolve_scale, runtime_check,
@@ -14,10 +13,12 @@ from dsl.attention_prims import (check_attention_sizes, check_heads, check_paged
 from dsl.errors import DSLError
 from dsl.graph import Graph, Ref
 
-from ..partition import ANCHOR_TEMPLATES, KernelGroup
+from ..partition import KernelGroup
 from ..printer import literal
 from ..render import Code, render
-from . import register_renderer
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import TiledWork, dtype_of, param, stream_work
 from .common import Rendered, fused_epilogue, node_list
 
 FWD, BWD, PAGED, ROTARY = "attention_fwd", "attention_bwd", "attention_paged", "attention_rotary"
@@ -44,7 +45,7 @@ def _threads(config, device) -> int:
 def _fwd_smem(config, shape, elem_bytes):
     d = _pow2(shape.get("D", 128))
     q_tile = config["BLOCK_M"] * d
-    kv_tiles = 2 * config["BLOCK_N"] * d * max(1, config["num_stages"] - 1)
+    kv_tiles = 2 * config["BLOCK_N"] * d * max(1, config["num_stages"])  # num_stages buffers each
     return (q_tile + kv_tiles) * elem_bytes
 
 
@@ -52,7 +53,7 @@ def _bwd_smem(config, shape, elem_bytes):
     # dK/dV kernel: k and v stay resident, q and dO tiles are pipelined.
     d = _pow2(shape.get("D", 128))
     kv = 2 * config["BLOCK_N"] * d
-    q_do = 2 * config["BLOCK_M"] * d * max(1, config["num_stages"] - 1)
+    q_do = 2 * config["BLOCK_M"] * d * max(1, config["num_stages"])
     return (kv + q_do) * elem_bytes
 
 
@@ -96,33 +97,33 @@ def _warps_fit(config, shape, device):
 _ATTN_PARAMS = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (2, 4, 8),
                 "num_stages": (1, 2, 3, 4)}
 
-FWD_SPACE = register_space(SearchSpace(
+FWD_SPACE = SearchSpace(
     template=FWD,
     params=dict(_ATTN_PARAMS),
     default={"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     constraints=(("tile_fits_problem", _tiles_fit("Sq", "Sk")), ("shared_memory", _smem_ok(_fwd_smem)),
                  ("registers", _fwd_regs_ok), ("warps_fit_tile", _warps_fit)),
     smem_bytes=_fwd_smem,
-))
+)
 
 # BLOCK_M x BLOCK_N are the (query, key) tiles of the dK/dV kernel; the dQ kernel uses them swapped
 # (BLOCK_N query rows, BLOCK_M keys), so one config makes both kernels' resident tile the large one.
-BWD_SPACE = register_space(SearchSpace(
+BWD_SPACE = SearchSpace(
     template=BWD,
     params=dict(_ATTN_PARAMS),
     default={"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     constraints=(("tile_fits_problem", _tiles_fit("Sq", "Sk")), ("shared_memory", _smem_ok(_bwd_smem)),
                  ("registers", _bwd_regs_ok), ("warps_fit_tile", _warps_fit)),
     smem_bytes=_bwd_smem,
-))
+)
 
 
 def _paged_smem(config, shape, elem_bytes):
     d = _pow2(shape.get("D", 128))
-    return (16 * d + 2 * config["BLOCK_N"] * d * max(1, config["num_stages"] - 1)) * elem_bytes
+    return (16 * d + 2 * config["BLOCK_N"] * d * max(1, config["num_stages"])) * elem_bytes
 
 
-PAGED_SPACE = register_space(SearchSpace(
+PAGED_SPACE = SearchSpace(
     template=PAGED,
     params={"BLOCK_N": (16, 32, 64, 128), "NUM_SPLITS": (1, 2, 4, 8, 16), "num_warps": (1, 2, 4, 8),
             "num_stages": (1, 2, 3)},
@@ -135,15 +136,15 @@ PAGED_SPACE = register_space(SearchSpace(
         ("shared_memory", _smem_ok(_paged_smem)),
     ),
     smem_bytes=_paged_smem,
-))
+)
 
-ROTARY_SPACE = register_space(SearchSpace(
+ROTARY_SPACE = SearchSpace(
     template=ROTARY,
     params={"BLOCK_R": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     default={"BLOCK_R": 16, "num_warps": 4},
     constraints=(("tile_elements", lambda c, s, d: c["BLOCK_R"] * _pow2(s.get("D", 128)) <= 16384),
                  ("rows_fit_problem", lambda c, s, d: c["BLOCK_R"] <= max(1, s.get("R", 1 << 30)))),
-))
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +324,99 @@ def _rotary_problem(rendered: Rendered, env) -> dict:
     return {"R": max(1, rows), "D": max(1, shape[-1])}
 
 
+# ---------------------------------------------------------------------------------------------
+# cost functions: what one launch does at a tuning problem
+
+
+def _attention_work(problem, config, device, *, gemms: int, resident: str) -> TiledWork:
+    """Flash attention as tiles: a program owns BLOCK_M query rows (``resident`` "q", forward) or
+    BLOCK_N key rows ("k", backward dK/dV) of one head and loops over the other side in blocks,
+    ``gemms`` tile GEMMs per step (2 forward: QK^T and PV; 5 backward). Causal masking is in the
+    source hash, not the problem, so a full square is assumed (an upper bound that ranks alike)."""
+    dtype, size = dtype_of(problem)
+    b, h, d = int(problem.get("B", 1)), int(problem["H"]), _pow2(int(problem["D"]))
+    sq, sk = int(problem["Sq"]), int(problem["Sk"])
+    bm, bn = param(config, "BLOCK_M"), param(config, "BLOCK_N")
+    warps, stages = param(config, "num_warps", 4), param(config, "num_stages", 2)
+    own, other, own_len, other_len = (bm, bn, sq, sk) if resident == "q" else (bn, bm, sk, sq)
+    iters = -(-other_len // other)
+    programs = b * h * -(-own_len // own)
+    threads = warps * device.warp_size
+    flops = 2.0 * gemms * own * other * d * iters
+    load = 2 * other * d * size * iters + own * d * size
+    dram = b * h * (sq + 2 * sk) * d * size * (1 if resident == "q" else 2) + b * h * sq * d * size
+    smem = (own * d + 2 * other * d * max(1, stages)) * size
+    # Accumulators ([own, D] fp32, two for dK/dV) and the score tile [own, other] per thread.
+    accs = 1 if resident == "q" else 2
+    regs = int((accs * own * d + own * other) / threads + 40)
+    efficiency = min(1.0, (own * other / warps / 1024.0) ** 0.5)
+    if device.vendor == "nvidia" and device.compute_capability >= 90 and own < 64 * max(1, warps // 4):
+        efficiency *= 0.6  # below a warpgroup's 64 rows: no wgmma
+    return TiledWork(programs=programs, flops_per_program=flops, load_bytes_per_program=load,
+                     dram_bytes=float(dram), k_iters=iters, smem_bytes=int(smem), regs_per_thread=regs,
+                     threads=threads, dtype=dtype, efficiency=efficiency,
+                     overlap={1: 0.0, 2: 0.7}.get(stages, 1.0), latency_hiding=max(1, stages - 1),
+                     launches=1 if resident == "q" else 2)
+
+
+def fwd_work(problem, config, device) -> TiledWork:
+    return _attention_work(problem, config, device, gemms=2, resident="q")
+
+
+def bwd_work(problem, config, device) -> TiledWork:
+    # The dK/dV kernel (5 GEMMs per step) dominates; the dQ kernel is a second launch.
+    return _attention_work(problem, config, device, gemms=5, resident="k")
+
+
+def paged_work(problem, config, device) -> TiledWork:
+    """Decode: each (sequence, kv head, split) program streams its share of the context's K and V
+    blocks once for the G query heads that share them; memory-bound."""
+    dtype, size = dtype_of(problem)
+    b, h, g, d = int(problem["B"]), int(problem["H"]), int(problem.get("G", 1)), _pow2(int(problem["D"]))
+    ctx = int(problem["L"])
+    bn, splits = param(config, "BLOCK_N"), param(config, "NUM_SPLITS")
+    warps, stages = param(config, "num_warps", 4), param(config, "num_stages", 2)
+    h_kv = max(1, h // max(1, g))
+    per_split = -(-ctx // splits)
+    iters = -(-per_split // bn)
+    programs = b * h_kv * splits
+    kv_bytes = 2 * iters * bn * d * size
+    threads = warps * device.warp_size
+    extra = 0.0 if splits == 1 else b * h * d * 4 * splits * 2 / device.mem_bandwidth
+    return TiledWork(programs=programs, flops_per_program=4.0 * max(16, g) * iters * bn * d,
+                     load_bytes_per_program=kv_bytes, dram_bytes=float(programs * kv_bytes + b * h * d * size * 2),
+                     k_iters=iters, smem_bytes=int((16 * d + 2 * bn * d * max(1, stages)) * size),
+                     regs_per_thread=int((16 * d + 16 * bn) / threads + 40), threads=threads, dtype=dtype,
+                     efficiency=0.5, overlap={1: 0.0, 2: 0.7}.get(stages, 1.0),
+                     latency_hiding=max(1, stages - 1), launches=1 if splits == 1 else 2, extra_s=extra)
+
+
+def rotary_work(problem, config, device) -> TiledWork:
+    _, size = dtype_of(problem)
+    d = _pow2(int(problem["D"]))
+    # x in, cos and sin tables (served by cache across heads), out.
+    return stream_work(int(problem["R"]) * d, param(config, "BLOCK_R") * d, param(config, "num_warps", 4),
+                       2.0 * size + 1.0, device, "f32", flops_per_elem=3.0)
+
+
 # Token dims for the nearest-shape lookup: query length (prefill/training), batch (decode), rows.
-register_renderer(FWD, render_attention_fwd, invoke_fwd, _attention_problem, token_dim="Sq")
-register_renderer(BWD, render_attention_bwd, invoke_bwd, _attention_problem, token_dim="Sq")
-register_renderer(PAGED, render_paged, invoke_paged, _paged_problem, token_dim="B")
-register_renderer(ROTARY, render_rotary, invoke_rotary, _rotary_problem, token_dim="R")
-ANCHOR_TEMPLATES.update({"attention": FWD, "attention_varlen": FWD, "attention_bwd": BWD,
-                         "attention_varlen_bwd": BWD, "paged_attention": PAGED, "rotary": ROTARY})
+FWD_TEMPLATE = register_template(KernelTemplate(
+    name=FWD, sources=("attention_fwd.j2",), space=FWD_SPACE, render=render_attention_fwd, launch=invoke_fwd,
+    problem=_attention_problem, work=fwd_work, token_dim="Sq", anchors=("attention", "attention_varlen"),
+))
+BWD_TEMPLATE = register_template(KernelTemplate(
+    name=BWD, sources=("attention_bwd.j2",), space=BWD_SPACE, render=render_attention_bwd, launch=invoke_bwd,
+    problem=_attention_problem, work=bwd_work, token_dim="Sq", anchors=("attention_bwd", "attention_varlen_bwd"),
+    jit_functions=lambda r: (f"{r.name}_delta", f"{r.name}_dkdv", f"{r.name}_dq"),
+))
+PAGED_TEMPLATE = register_template(KernelTemplate(
+    name=PAGED, sources=("attention_paged.j2",), space=PAGED_SPACE, render=render_paged, launch=invoke_paged,
+    problem=_paged_problem, work=paged_work, token_dim="B", anchors=("paged_attention",),
+    jit_functions=lambda r: (f"{r.name}_split", f"{r.name}_reduce"),
+))
+ROTARY_TEMPLATE = register_template(KernelTemplate(
+    name=ROTARY, sources=("attention_rotary.j2",), space=ROTARY_SPACE, render=render_rotary,
+    launch=invoke_rotary, problem=_rotary_problem, work=rotary_work, token_dim="R", anchors=("rotary",),
+))
 
 __all__ = ["FWD_SPACE", "BWD_SPACE", "PAGED_SPACE", "ROTARY_SPACE", "seq_bucket"]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from autotune.space import SearchSpace, register_space
 from dsl import dtypes as dt
 from dsl.graph import Graph
 
 from ..partition import KernelGroup
 from ..render import Code, render
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import gemm_work
 from .common import Rendered, fused_epilogue, node_list
 
 
 def _smem(config, shape, elem_bytes):
-    # Software pipelining keeps num_stages tiles of A and B in shared memory.
+    # Software pipelining keeps num_stages buffers of the A and B tiles in shared memory (as Triton
+    # allocates them: one per stage, not num_stages - 1).
     tile = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * elem_bytes
-    return tile * max(1, config["num_stages"] - 1) if config["num_stages"] > 1 else tile
+    return tile * max(1, config["num_stages"])
 
 
 def _fits_problem(config, shape, device):
@@ -35,7 +38,7 @@ def _regs_ok(config, shape, device):
     return config["BLOCK_M"] * config["BLOCK_N"] / threads <= 128
 
 
-SPACE = register_space(SearchSpace(
+SPACE = SearchSpace(
     template="gemm",
     params={"BLOCK_M": (16, 32, 64, 128, 256), "BLOCK_N": (16, 32, 64, 128, 256),
             "BLOCK_K": (16, 32, 64, 128), "GROUP_M": (1, 4, 8),
@@ -44,7 +47,7 @@ SPACE = register_space(SearchSpace(
     constraints=(("tile_fits_problem", _fits_problem), ("shared_memory", _smem_ok),
                  ("registers", _regs_ok)),
     smem_bytes=_smem,
-))
+)
 
 
 def render_gemm(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
@@ -72,3 +75,9 @@ def problem(rendered: Rendered, env) -> dict:
 
 def invoke(module, rendered: Rendered, ins, outs, env, config):
     module.launch(ins[0], ins[1], ins[2:], outs, config)
+
+
+TEMPLATE = register_template(KernelTemplate(
+    name="gemm", sources=("gemm.j2",), space=SPACE, render=render_gemm, launch=invoke, problem=problem,
+    work=gemm_work, token_dim="M", anchors=("matmul",),
+))

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import collections
 
-from autotune.space import SearchSpace, register_space
 from dsl import dtypes as dt
 from dsl import shapes as sh
 from dsl.errors import DSLError
 from dsl.graph import Graph, Ref
 from dsl.moe import identity_cache_get, identity_cache_put, select_on_logits
 
-from ..partition import ANCHOR_TEMPLATES, KernelGroup
+from ..partition import KernelGroup
 from ..render import Code, load_module, render
-from . import register_renderer
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import TiledWork, gemm_work, param, stream_work
 from .common import Rendered, fused_epilogue, node_list
 
 GEMM_MODES = {"grouped_matmul": "plain", "grouped_matmul_combine": "combine", "moe_gate_up": "swiglu",
               "moe_gate_up_bwd": "swiglu_bwd"}
-ANCHOR_TEMPLATES.update({op: "moe_gemm" for op in GEMM_MODES})
-ANCHOR_TEMPLATES.update({"route": "moe_route", "topk": "moe_route", "route_bwd": "moe_route",
-                         "grouped_matmul_dw": "moe_wgrad", "combine": "moe_combine"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +61,7 @@ def _gate_up(shape) -> int:
 def _gemm_smem(config, shape, elem_bytes):
     tile = (config["BLOCK_M"] * config["BLOCK_K"]
             + _gate_up(shape) * config["BLOCK_K"] * config["BLOCK_N"]) * elem_bytes
-    return tile * max(1, config["num_stages"] - 1)
+    return tile * max(1, config["num_stages"])  # Triton allocates num_stages buffers
 
 
 def _rows_per_expert_ok(config, shape, device):
@@ -91,7 +89,7 @@ def _gemm_regs_ok(config, shape, device):
     return _gate_up(shape) * config["BLOCK_M"] * config["BLOCK_N"] / threads <= 128
 
 
-GEMM_SPACE = register_space(SearchSpace(
+GEMM_SPACE = SearchSpace(
     template="moe_gemm",
     params={"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_K": (16, 32, 64, 128),
             "GROUP_M": (1, 4, 8, 16), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4, 5)},
@@ -99,15 +97,15 @@ GEMM_SPACE = register_space(SearchSpace(
     constraints=(("rows_per_expert", _rows_per_expert_ok), ("tile_fits_problem", _gemm_tile_ok),
                  ("shared_memory", _gemm_smem_ok), ("registers", _gemm_regs_ok)),
     smem_bytes=_gemm_smem,
-))
+)
 
 
 def _wgrad_smem(config, shape, elem_bytes):
     tile = config["BLOCK_M"] * (config["BLOCK_N"] + config["BLOCK_K"]) * elem_bytes
-    return tile * max(1, config["num_stages"] - 1)
+    return tile * max(1, config["num_stages"])
 
 
-WGRAD_SPACE = register_space(SearchSpace(
+WGRAD_SPACE = SearchSpace(
     template="moe_wgrad",
     params={"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "BLOCK_K": (16, 32, 64, 128),
             "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4)},
@@ -120,23 +118,23 @@ WGRAD_SPACE = register_space(SearchSpace(
                  ("registers", lambda c, s, d: d.vendor == "cpu" or c["BLOCK_N"] * c["BLOCK_K"] / (
                      (32 if d.vendor == "nvidia" else 64) * c["num_warps"]) <= 128)),
     smem_bytes=_wgrad_smem,
-))
+)
 
-ROUTE_SPACE = register_space(SearchSpace(
+ROUTE_SPACE = SearchSpace(
     template="moe_route",
     params={"BLOCK_R": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     default={"BLOCK_R": 4, "num_warps": 4},
     constraints=(("tile_elements", lambda c, s, d: c["BLOCK_R"] * _pow2(s.get("E", 1)) <= 16384),
                  ("rows_fit_problem", lambda c, s, d: c["BLOCK_R"] <= max(1, _pow2(s.get("M", 1 << 30))))),
-))
+)
 
-COMBINE_SPACE = register_space(SearchSpace(
+COMBINE_SPACE = SearchSpace(
     template="moe_combine",
     params={"BLOCK_T": (1, 2, 4, 8, 16, 32), "BLOCK_N": (32, 64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8)},
     default={"BLOCK_T": 16, "BLOCK_N": 128, "num_warps": 4},
     constraints=(("tile_elements", lambda c, s, d: c["BLOCK_T"] * c["BLOCK_N"] <= 16384),
                  ("no_wasted_columns", lambda c, s, d: c["BLOCK_N"] <= max(32, 2 * s.get("N", 1 << 30)))),
-))
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +404,80 @@ def invoke_moe_combine(module, rendered: Rendered, ins, outs, env, config):
     module.launch(y, w, epi, outs, strides, config)
 
 
-register_renderer("moe_gemm", render_moe_gemm, invoke_moe_gemm, problem_moe_gemm)
-register_renderer("moe_wgrad", render_moe_wgrad, invoke_moe_wgrad, problem_moe_wgrad)
-register_renderer("moe_route", render_moe_route, invoke_moe_route, problem_moe_route)
-register_renderer("moe_combine", render_moe_combine, invoke_moe_combine, problem_moe_combine)
+# ---------------------------------------------------------------------------------------------
+# cost functions: what one launch does at a tuning problem (uniform routing assumed: each of the
+# min(E, M*topk) active experts gets M*topk/E rows, padded to BLOCK_M per expert)
+
+
+def _compute_dtype(problem) -> str:
+    return str(problem.get("dtype", "f32" if problem.get("dtype_bits", 16) == 32 else "f16"))
+
+
+def expert_rows(problem) -> tuple[int, int]:
+    """(active experts, routed rows per active expert) of a tuning problem."""
+    slots = max(1, int(problem["M"]) * int(problem.get("topk", 1)))
+    active = max(1, min(int(problem.get("E", 1)), slots))
+    return active, -(-slots // active)
+
+
+def moe_gemm_work(problem, config, device) -> TiledWork:
+    """A batched GEMM over the active experts; SwiGLU modes compute the gate and up tiles (w_tiles
+    2) in one program, which is a BLOCK_N twice as wide for work, traffic and registers."""
+    active, rows = expert_rows(problem)
+    tiles = int(problem.get("w_tiles", 1))
+    cfg = dict(config, BLOCK_N=param(config, "BLOCK_N") * tiles)
+    passed = {k: problem[k] for k in ("b_bytes", "dequant_ops", "out_bytes") if k in problem}
+    return gemm_work({"B": active, "M": rows, "N": int(problem["N"]) * tiles, "K": problem["K"],
+                      "dtype": _compute_dtype(problem), **passed}, cfg, device)
+
+
+def moe_wgrad_work(problem, config, device) -> TiledWork:
+    """dW[e] = X_e^T dY_e: an [N, K] output tile per program (BLOCK_N x BLOCK_K), reduced over the
+    expert's rows in BLOCK_M steps."""
+    active, rows = expert_rows(problem)
+    cfg = {"BLOCK_M": param(config, "BLOCK_N"), "BLOCK_N": param(config, "BLOCK_K"),
+           "BLOCK_K": param(config, "BLOCK_M"), "num_warps": param(config, "num_warps", 4),
+           "num_stages": param(config, "num_stages", 2)}
+    return gemm_work({"B": active, "M": problem["N"], "N": problem["K"], "K": rows,
+                      "dtype": _compute_dtype(problem)}, cfg, device)
+
+
+def moe_route_work(problem, config, device) -> TiledWork:
+    # Read a row of E logits (padded to a power of two), write k weights and k ids.
+    e = _pow2(int(problem["E"]))
+    k = int(problem.get("topk", 1))
+    tile = param(config, "BLOCK_R") * e
+    return stream_work(int(problem["M"]) * e, tile, param(config, "num_warps", 4), 2 + 12 * k / e, device,
+                       "f32", flops_per_elem=float(k))
+
+
+def moe_combine_work(problem, config, device) -> TiledWork:
+    # Read topk expert rows and their weights per output element, write one.
+    k = int(problem.get("topk", 1))
+    tile = param(config, "BLOCK_T") * param(config, "BLOCK_N")
+    return stream_work(int(problem["M"]) * int(problem["N"]), tile, param(config, "num_warps", 4),
+                       2.0 * (k + 1), device, "f32", flops_per_elem=2.0 * k)
+
+
+GEMM_TEMPLATE = register_template(KernelTemplate(
+    name="moe_gemm", sources=("moe_gemm.j2", "moe_align.j2", "moe_common.j2"), space=GEMM_SPACE,
+    render=render_moe_gemm, launch=invoke_moe_gemm, problem=problem_moe_gemm, work=moe_gemm_work,
+    anchors=tuple(GEMM_MODES),
+))
+WGRAD_TEMPLATE = register_template(KernelTemplate(
+    name="moe_wgrad", sources=("moe_wgrad.j2", "moe_align.j2", "moe_common.j2"), space=WGRAD_SPACE,
+    render=render_moe_wgrad, launch=invoke_moe_wgrad, problem=problem_moe_wgrad, work=moe_wgrad_work,
+    anchors=("grouped_matmul_dw",),
+))
+ROUTE_TEMPLATE = register_template(KernelTemplate(
+    name="moe_route", sources=("moe_route.j2",), space=ROUTE_SPACE, render=render_moe_route,
+    launch=invoke_moe_route, problem=problem_moe_route, work=moe_route_work,
+    anchors=("route", "topk", "route_bwd"),
+))
+COMBINE_TEMPLATE = register_template(KernelTemplate(
+    name="moe_combine", sources=("moe_combine.j2",), space=COMBINE_SPACE, render=render_moe_combine,
+    launch=invoke_moe_combine, problem=problem_moe_combine, work=moe_combine_work, anchors=("combine",),
+))
 
 __all__ = ["token_bucket", "alignment", "align_module", "GEMM_SPACE", "WGRAD_SPACE", "ROUTE_SPACE",
            "COMBINE_SPACE", "GEMM_MODES"]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from autotune.space import SearchSpace, register_space
 from dsl.graph import Graph
 
 from ..partition import KernelGroup
 from ..render import render
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import pointwise_work
 from .common import Rendered, node_list, operand, print_body, strided_offset
 
-SPACE = register_space(SearchSpace(
+SPACE = SearchSpace(
     template="pointwise",
     params={"BLOCK": (128, 256, 512, 1024, 2048, 4096), "num_warps": (1, 2, 4, 8)},
     default={"BLOCK": 1024, "num_warps": 4},
     constraints=(("warps_fit_block", lambda c, s, d: c["BLOCK"] >= 32 * c["num_warps"]),),
-))
+)
 
 
 def render_pointwise(graph: Graph, group: KernelGroup, op_name: str) -> Rendered:
@@ -47,3 +49,9 @@ def problem(rendered: Rendered, env) -> dict:
 
 def invoke(module, rendered: Rendered, ins, outs, env, config):
     module.launch(ins, outs, tuple(outs[0].shape), config)
+
+
+TEMPLATE = register_template(KernelTemplate(
+    name="pointwise", sources=("pointwise.j2",), space=SPACE, render=render_pointwise, launch=invoke,
+    problem=problem, work=pointwise_work, token_dim="numel",
+))

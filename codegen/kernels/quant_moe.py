@@ -29,27 +29,24 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from autotune.devices import Device, local_device
-from autotune.space import SearchSpace, register_space
 from codegen.render import Code, load_module, render
 from dsl.errors import CodegenError, DSLError, TuningError
 from dsl.moe import sort_slots
 from dsl.qtensor import PER_CHANNEL, QTensor, check_format, unpack_codes, values_per_word
 
-from .moe import COMBINE_SPACE, _gemm_tile_ok, _rows_per_expert_ok, alignment
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import TiledWork
+from .moe import COMBINE_SPACE, _gemm_tile_ok, _rows_per_expert_ok, alignment, moe_gemm_work, token_bucket
 from .quant_gemm import (
     _COMMON_PARAMS,
-    _TRITON_TYPES,
     ACT_DTYPES,
     _block_k_within_group,
-    _check_device,
-    _kernel_device,
     _pow2_at_least,
     _smem_fits,
     _split_k_has_work,
     _split_k_small_batch,
     _threads_have_work,
-    interpreter_active,
 )
 
 MODES = {"gate_up": "swiglu", "down": "combine"}  # the two GEMMs and their template modes
@@ -173,7 +170,7 @@ def _registers_ok(c, s, d):
     return d.vendor == "cpu" or _register_load(c, s, d) <= 64
 
 
-QUANT_MOE_SPACE = register_space(SearchSpace(
+QUANT_MOE_SPACE = SearchSpace(
     template="quant_moe_gemm",
     params={**_COMMON_PARAMS, "BLOCK_K": (16, 32, 64, 128, 256)},
     default={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4,
@@ -189,7 +186,7 @@ QUANT_MOE_SPACE = register_space(SearchSpace(
         ("fits_shared_memory", _smem_fits(_quant_moe_smem)),
     ),
     smem_bytes=_quant_moe_smem,
-))
+)
 
 
 def problem_shape(mode: str, tokens: int, topk: int, weight: StackedQTensor, elem_bytes: int) -> dict:
@@ -200,9 +197,8 @@ def problem_shape(mode: str, tokens: int, topk: int, weight: StackedQTensor, ele
             "elem_bytes": int(elem_bytes), "w_tiles": w_tiles}
 
 
-def default_config(shape: dict, device: Device | None = None) -> dict[str, int]:
+def default_config(shape: dict, device) -> dict[str, int]:
     """A feasible starting config from the shape alone (see :func:`problem_shape` for its keys)."""
-    device = device or local_device()
     m, n, k = shape["M"], shape["N"], shape["K"]
     experts, topk = shape.get("E", 1), shape.get("topk", 1)
     gs = shape.get("group_size", PER_CHANNEL)
@@ -245,7 +241,7 @@ def default_config(shape: dict, device: Device | None = None) -> dict[str, int]:
     return cfg
 
 
-def _checked_config(config, shape: dict, device: Device, what: str) -> dict[str, int]:
+def checked_config(config, shape: dict, device, what: str) -> dict[str, int]:
     if config is None:
         return default_config(shape, device)
     cfg = QUANT_MOE_SPACE.validate(dict(config), where=f"config for 'quant_moe_gemm' ({what})")
@@ -281,7 +277,7 @@ def quant_moe_source(mode: str, bits: int, group_size: int, symmetric: bool, iee
     )
 
 
-def _module(mode, weight: StackedQTensor, act_dtype: torch.dtype):
+def module_for(mode, weight: StackedQTensor, act_dtype: torch.dtype):
     source = quant_moe_source(mode, weight.bits, weight.group_size, weight.symmetric, act_dtype == torch.float32)
     return load_module(source, "quant_moe_gemm")
 
@@ -374,7 +370,14 @@ def quant_moe_experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: tor
 # ---- the kernels --------------------------------------------------------------------------------
 
 
-def _split_configs(config) -> tuple:
+
+
+
+
+# ---- static compilation for a GPU target (no GPU needed) ---------------------------------------
+
+
+def split_configs(config) -> tuple:
     """``config``: None (defaults), one config for both GEMMs, or {"gate_up": ..., "down": ...}."""
     if config is None:
         return None, None
@@ -383,114 +386,70 @@ def _split_configs(config) -> tuple:
     return config, config
 
 
-def quant_moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: StackedQTensor,
-                      down: StackedQTensor, config: dict | None = None) -> torch.Tensor:
-    """A quantized SwiGLU MoE's experts with the grouped Triton kernels: x [T, D], ids [T, k] (experts
-    in [0, E)), weights [T, k]; gate_up [E] x [2H, D] (gate rows, then up), down [E] x [N, H] ->
-    y [T, N] in x's dtype. ``config``: see :func:`_split_configs` (None: :func:`default_config`)."""
-    where = "quant_moe_experts"
-    check_inputs(x, ids, weights, gate_up, down, where)
-    tensors = [x, ids, weights, gate_up.data, gate_up.scales, down.data, down.scales]
-    device = _check_device(*tensors, gate_up.zeros, down.zeros)
-    if device.type == "cpu" and torch.bfloat16 in (x.dtype, gate_up.scales.dtype, down.scales.dtype):
-        raise DSLError(f"{where}: Triton's CPU interpreter computes bfloat16 wrongly; use float16/float32 "
-                       "activations and scales on CPU or run on a GPU")
-    tokens, topk = ids.shape
-    if tokens == 0:
-        return x.new_zeros(0, down.shape[0])
-    kernel_device = _kernel_device(device)
+def launch_experts(x, ids, weights, gate_up: StackedQTensor, down: StackedQTensor, cfg_gate_up: dict,
+                   cfg_down: dict) -> torch.Tensor:
+    """The two grouped GEMMs of a quantized SwiGLU MoE's experts with checked configs (see
+    ``runtime.ops.quant.quant_moe_experts``, the op that checks inputs and picks the configs)."""
+    topk = ids.shape[1]
     finish = COMBINE_SPACE.default
-    cfg_gate_up, cfg_down = _split_configs(config)
-    cfg = _checked_config(cfg_gate_up, problem_shape("gate_up", tokens, topk, gate_up, x.element_size()),
-                          kernel_device, "gate_up")
-    h = _module("gate_up", gate_up, x.dtype).launch(
-        x, gate_up.data, gate_up.scales, gate_up.zeros, alignment(ids, gate_up.num_experts, cfg["BLOCK_M"]),
-        None, topk, cfg, finish)
-    cfg = _checked_config(cfg_down, problem_shape("down", tokens, topk, down, x.element_size()),
-                          kernel_device, "down")
-    return _module("down", down, x.dtype).launch(
-        h, down.data, down.scales, down.zeros, alignment(ids, down.num_experts, cfg["BLOCK_M"]),
-        weights.to(torch.float32), topk, cfg, finish)
+    h = module_for("gate_up", gate_up, x.dtype).launch(
+        x, gate_up.data, gate_up.scales, gate_up.zeros, alignment(ids, gate_up.num_experts, cfg_gate_up["BLOCK_M"]),
+        None, topk, cfg_gate_up, finish)
+    return module_for("down", down, x.dtype).launch(
+        h, down.data, down.scales, down.zeros, alignment(ids, down.num_experts, cfg_down["BLOCK_M"]),
+        weights.to(torch.float32), topk, cfg_down, finish)
 
 
-# ---- static compilation for a GPU target (no GPU needed) ---------------------------------------
-
-# Unit strides are compiled as the constant 1, as Triton specialises them at launch (contiguous
-# weights, activations and outputs): the static facts then match the kernel that really runs.
-_UNIT_STRIDES = ("a_sk", "q_sn", "s_sn", "z_sn", "o_sn")
+# ---- the template: one grouped GEMM (gate_up or down) of one weight format, tuned on its own --------
 
 
-def static_signature(mode: str, *, split_k: int = 1, topk: int = 2, act_dtype: torch.dtype = torch.float16,
-                     bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                     scale_dtype: torch.dtype = torch.float16):
-    """The compilable ``JITFunction`` of one GEMM ("gate_up"/"down") of one weight format, its Triton
-    signature (pointer and integer types; constexprs and the unit strides are left out) and the unit
-    strides as constexprs. The output is float32 where the kernel writes partials or the combine
-    buffer (split-K, or down with top-k > 1)."""
-    from triton.runtime.jit import JITFunction
-
-    source = quant_moe_source(mode, bits, group_size, symmetric, act_dtype == torch.float32)
-    direct = split_k == 1 and (mode == "gate_up" or topk == 1)
-    ptrs = [act_dtype, torch.int32, scale_dtype, scale_dtype if symmetric else torch.uint8, torch.int32,
-            torch.int32] + ([torch.float32] if mode == "down" else []) + [act_dtype if direct else torch.float32]
-    kernel = load_module(source, "quant_moe_gemm").KERNEL
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    names = [a for a in fn.arg_names if a not in _UNIT_STRIDES]
-    n_ints = 6 + 3 * 4 + (2 if mode == "down" else 0) + 4 - len(_UNIT_STRIDES)
-    signature = {name: f"*{_TRITON_TYPES[t]}" for name, t in zip(names, ptrs)}
-    signature.update({name: "i32" for name in names[len(ptrs):len(ptrs) + n_ints]})
-    return fn, signature, {name: 1 for name in _UNIT_STRIDES}
+def tuning_problem(mode: str, tokens: int, n: int, k: int, experts: int, topk: int, bits: int, group_size: int,
+                   symmetric: bool, elem_bytes: int) -> dict:
+    """What keys a grouped quantized GEMM's records: the token bucket, sizes, format and width
+    (asymmetric weights add their uint8 zero points as "zero_bits"; per-channel is one group of K)."""
+    problem = {"M": token_bucket(tokens), "N": n, "K": k, "E": experts, "topk": topk,
+               "group_size": k if group_size == PER_CHANNEL else group_size, "bits": bits,
+               "elem_bytes": elem_bytes, "w_tiles": 2 if mode == "gate_up" else 1}
+    if not symmetric:
+        problem["zero_bits"] = 8
+    return problem
 
 
-def _constexprs(cfg: dict) -> dict:
-    # EVEN_K holds for every grouped format (BLOCK_K | group size | K): the case worth checking.
-    return {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M")} | {"EVEN_K": True}
+def problem_quant_moe(rendered, env) -> dict:
+    meta = rendered.meta
+    return tuning_problem(meta["mode"], env["M"], env["N"], env["K"], env["E"], env["topk"], meta["bits"],
+                          meta["group_size"], meta["symmetric"], meta["elem_bytes"])
 
 
-def compile_for_target(mode: str, config: dict, *, arch: int = 90, **variant):
-    """Compile one GEMM's kernel (``variant``: see :func:`static_signature`) for ``sm_<arch>``; returns
-    triton's compiled kernel (``.metadata.shared``, ``.asm``). Needs a process without Triton's
-    interpreter (it replaces triton's own @jit library, which the compiler cannot lower)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if interpreter_active():
-        raise CodegenError("compile_for_target: Triton's interpreter is on in this process "
-                           "(TRITON_INTERPRET=1); compile in a process without it")
-    cfg = QUANT_MOE_SPACE.validate(dict(config), where="config for 'quant_moe_gemm'")
-    fn, signature, units = static_signature(mode, split_k=cfg["SPLIT_K"], **variant)
-    constexprs = _constexprs(cfg) | units
-    signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature={a: signature[a] for a in fn.arg_names}, constexprs=constexprs)
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+def invoke_quant_moe(module, rendered, ins, outs, env, config) -> None:
+    """ins: x (or h for down), the stacked words, scales, zeros (or None), ids, routing weights;
+    outs: [the GEMM's output]."""
+    x, data, scales, zeros, ids, weights = ins
+    zeros = None if rendered.meta["symmetric"] else zeros
+    mode, topk = rendered.meta["mode"], ids.shape[1]
+    scale = weights.to(torch.float32) if mode == "down" else None
+    result = module.launch(x, data, scales, zeros, alignment(ids, env["E"], config["BLOCK_M"]), scale, topk,
+                           config, COMBINE_SPACE.default)
+    outs[0].copy_(result)
 
 
-def static_check_configs(mode: str, configs, target: Device, **variant):
-    """Verdicts of :func:`autotune.static_check.check_configs` (compile for ``target`` in a worker
-    process; shared memory, registers, spills) for configs of one GEMM and weight format."""
-    from autotune.static_check import check_config_groups
+def quant_moe_work(problem, config, device) -> TiledWork:
+    """The grouped GEMM's tiles with packed weights: B traffic at bits/8 bytes per element plus the
+    group's scale (and zero point), and the unpacking ALU work per weight element."""
+    meta_bytes = problem.get("elem_bytes", 2) + (1 if "zero_bits" in problem else 0)
+    b_bytes = problem["bits"] / 8 + meta_bytes / problem["group_size"]
+    dtype = "f32" if problem.get("elem_bytes", 2) == 4 else "f16"
+    # Unpacking one weight: shift, mask, int->float, subtract the zero point, scale, cast.
+    work = moe_gemm_work({**problem, "dtype": dtype, "b_bytes": b_bytes, "dequant_ops": 6.0}, config, device)
+    return dataclasses.replace(work, smem_bytes=_quant_moe_smem(config, problem, problem.get("elem_bytes", 2)))
 
-    return check_config_groups(configs, target, group_of=lambda c: c["SPLIT_K"],
-                               kernel_of=lambda split_k: static_signature(mode, split_k=split_k, **variant),
-                               constexprs_of=_constexprs)
 
+QUANT_MOE_TEMPLATE = register_template(KernelTemplate(
+    name="quant_moe_gemm", sources=("quant_moe_gemm.j2", "moe_align.j2", "moe_common.j2"), space=QUANT_MOE_SPACE,
+    launch=invoke_quant_moe, problem=problem_quant_moe, work=quant_moe_work,
+    default=lambda problem, device: default_config(problem, device),
+))
 
-__all__ = [
-    "MODES",
-    "QUANT_MOE_SPACE",
-    "StackedQTensor",
-    "check_experts",
-    "check_inputs",
-    "check_routing",
-    "compile_for_target",
-    "default_config",
-    "expert_loop",
-    "problem_shape",
-    "quant_moe_experts",
-    "quant_moe_experts_reference",
-    "quant_moe_source",
-    "static_check_configs",
-    "static_signature",
-]
+__all__ = ["MODES", "QUANT_MOE_SPACE", "StackedQTensor", "check_experts", "check_inputs", "check_routing",
+           "checked_config", "default_config", "expert_loop", "launch_experts", "module_for", "problem_shape",
+           "quant_moe_experts_reference", "quant_moe_source", "split_configs"]

@@ -3,7 +3,6 @@ elementwise prologues and epilogues."""
 
 from __future__ import annotations
 
-from autotune.space import SearchSpace, register_space
 from dsl.dtypes import compute_type
 from dsl.graph import Graph, Ref
 from dsl.registry import ROWWISE, get
@@ -11,16 +10,19 @@ from dsl.registry import ROWWISE, get
 from ..partition import KernelGroup
 from ..printer import literal
 from ..render import Code, render
+from ..space import SearchSpace
+from ..template import KernelTemplate, register_template
+from ..work import reduction_work
 from .common import Rendered, node_list, operand, print_body
 
-SPACE = register_space(SearchSpace(
+SPACE = SearchSpace(
     template="reduction",
     params={"BLOCK_R": (1, 2, 4, 8, 16, 32), "BLOCK_C": (32, 64, 128, 256, 512, 1024, 2048),
             "num_warps": (1, 2, 4, 8)},
     default={"BLOCK_R": 4, "BLOCK_C": 256, "num_warps": 4},
     constraints=(("tile_elements", lambda c, s, d: c["BLOCK_R"] * c["BLOCK_C"] <= 16384),
                  ("no_wasted_columns", lambda c, s, d: c["BLOCK_C"] <= max(32, 2 * s.get("C", 1 << 30)))),
-))
+)
 
 
 def _row_offset(name: str, nrow: int) -> Code:
@@ -106,3 +108,9 @@ def invoke(module, rendered: Rendered, ins, outs, env, config):
 
     in_shape = tuple(sh.evaluate(d, env) for d in rendered.meta["in_shape"])
     module.launch(ins[:n], ins[n:], outs, in_shape, rendered.meta["axis"], config)
+
+
+TEMPLATE = register_template(KernelTemplate(
+    name="reduction", sources=("reduction.j2",), space=SPACE, render=render_reduction, launch=invoke,
+    problem=problem, work=reduction_work, token_dim="R",
+))

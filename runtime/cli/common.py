@@ -2,42 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 from dsl.errors import KdslError
+from dsl.loader import load_op  # noqa: F401  (the CLI's op loader)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_op(spec: str):
-    """``path/to/file.py:op_name`` -> (the @dsl.op object defined there, its path)."""
-    from dsl.trace import Op
-
-    path_text, sep, name = spec.rpartition(":")
-    if not sep or not path_text or not name:
-        raise KdslError(f"expected FILE.py:OP, got '{spec}'")
-    path = Path(path_text)
-    if not path.is_file():
-        raise KdslError(f"no such file: {path}")
-    mod_name = f"kdsl_user_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[mod_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except KdslError:
-        raise
-    except Exception as exc:  # the user's file failed to import: say where, not a traceback
-        raise KdslError(f"{path} failed to import: {type(exc).__name__}: {exc}") from None
-    op = getattr(module, name, None)
-    if op is None:
-        ops = [k for k, v in vars(module).items() if isinstance(v, Op)]
-        raise KdslError(f"{path} has no '{name}' (ops defined there: {', '.join(ops) or 'none'})")
-    if not isinstance(op, Op):
-        raise KdslError(f"{path}:{name} is not a @dsl.op function")
-    return op, path
 
 
 def parse_shape(text: str | None) -> dict[str, int]:

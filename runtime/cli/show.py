@@ -22,7 +22,7 @@ def run(args) -> int:
     from rich.syntax import Syntax
 
     import dsl
-    from runtime.executor import TritonProgram
+    from codegen.program import TritonProgram
 
     op, _ = load_op(args.target)
     dtypes = None

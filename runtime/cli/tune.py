@@ -15,7 +15,7 @@ from .common import parse_dtype, parse_shape
 
 # Template options as flags: each is the option's name with dashes (see autotune.lookup's
 # template_tune_command, which writes them back into the command a default-config warning names).
-TEMPLATE_OPTIONS = ("bits", "group_size", "asym")
+TEMPLATE_OPTIONS = ("bits", "group_size", "asym", "mode")
 
 
 def register(sub) -> None:
@@ -25,9 +25,11 @@ def register(sub) -> None:
                                    "database. With --target DEV --offline, rank configs with the cost "
                                    "model and the static check for a GPU you do not have and store "
                                    "'predicted' records.")
-    p.add_argument("target_op", metavar="FILE.py:OP|TEMPLATE",
-                   help="the file and name of a @dsl.op function, or a kernel template tuned on its own "
-                        "(quant_gemm, int8_gemm, fp8_gemm)")
+    p.add_argument("target_op", metavar="FILE.py:OP|module:OP|NAME|TEMPLATE",
+                   help="a @dsl.op function (file or module path and its name), a built-in kernel by name "
+                        "(linear, moe, moe_qwen3, moe_backward, attention, attention_backward, "
+                        "paged_attention, rotary, rmsnorm, softmax, combine), or a kernel template tuned "
+                        "on its own (quant_gemm, int8_gemm, fp8_gemm, quant_moe_gemm)")
     p.add_argument("--shape", required=True, help="symbol sizes, e.g. M=128,N=256,K=64")
     p.add_argument("--dtype", default=None, help="dtype for parameters whose annotation leaves it open; for a "
                                                  "template its activations (quant_gemm: f16, bf16, f32, tf32; "
@@ -37,6 +39,9 @@ def register(sub) -> None:
                    help="quant_gemm: weights per scale, 32, 64, 128, 256 or -1 per channel (default 128)")
     p.add_argument("--asym", action="store_const", const=True, default=None,
                    help="quant_gemm: asymmetric weights (uint8 zero points); default symmetric")
+    p.add_argument("--mode", choices=("gate_up", "down"), default=None,
+                   help="quant_moe_gemm: which grouped GEMM of the experts (default gate_up)")
+    p.add_argument("--backward", action="store_true", help="tune the op's backward kernels (FILE.py:OP only)")
     p.add_argument("--trials", type=int, default=20, help="measured candidates per kernel (default 20)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing each study (default 1)")
     p.add_argument("--repeats", type=int, default=10, help="timed launches per candidate (median)")
@@ -75,20 +80,29 @@ def task_source(args):
     """What to tune, checked: an op file or a registered template with its options."""
     from autotune import tuner
 
+    from runtime.ops.tunables import TUNABLES
+
     shape = parse_shape(args.shape)
     options = {name: getattr(args, name) for name in TEMPLATE_OPTIONS if getattr(args, name) is not None}
     spec = args.target_op
+    backward = getattr(args, "backward", False)
+    attrs: dict = {}
+    if spec in TUNABLES:  # a built-in kernel by name: its op, backward choice and attributes
+        named = TUNABLES[spec]
+        spec, backward, attrs = named.spec, backward or named.backward, dict(named.attrs)
     if ":" in spec or spec.endswith(".py"):
         if options:
             flags = ", ".join("--" + name.replace("_", "-") for name in options)
             raise KdslError(f"{flags}: only for kernel templates tuned on their own "
-                            f"({', '.join(sorted(tuner.TEMPLATE_TASKS))}), not for an op")
+                            f"({', '.join(tuner.template_task_names())}), not for an op")
         if args.dtype:
             parse_dtype(args.dtype)
     elif tuner.template_tasks(spec) is None:
         raise KdslError(f"'{spec}' is neither FILE.py:OP (a @dsl.op function) nor a kernel template tuned on "
-                        f"its own ({', '.join(sorted(tuner.TEMPLATE_TASKS))})")
-    return tuner.TaskSource.of(spec, shape, args.dtype, options, args.seed)
+                        f"its own ({', '.join(tuner.template_task_names())})")
+    if backward and ":" not in spec:
+        raise KdslError("--backward: only for ops (FILE.py:OP, module:OP or a built-in name)")
+    return tuner.TaskSource.of(spec, shape, args.dtype, options, args.seed, attrs=attrs, backward=backward)
 
 
 def _torch_device():
@@ -128,7 +142,7 @@ def run(args) -> int:
     if not args.offline and args.target and device.arch != here.arch:
         raise KdslError(f"cannot measure for {device.name} on {here.name}; add --offline to predict")
     # Offline, nothing runs: the inputs only give the launch its types and the cost model its sizes.
-    tasks = source.build("cpu" if args.offline else _torch_device())
+    tasks = source.build("meta" if args.offline else _torch_device())
     name = tasks[0].op_name if tasks else args.target_op
     if args.kernel:
         tasks = [t for t in tasks if t.kernel == args.kernel]

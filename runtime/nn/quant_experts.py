@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen.kernels.quant_moe import StackedQTensor, check_experts, check_inputs, expert_loop, quant_moe_experts
+from codegen.kernels.quant_moe import StackedQTensor, check_experts, check_inputs, expert_loop
 from dsl.errors import DSLError
 
+from ..ops.quant import quant_moe_experts
 from .quant_linear import BACKENDS, QuantLinear
 
 _PARTS = ("qweight", "scales", "zeros")

@@ -17,7 +17,7 @@ from torch import nn
 
 from dsl.errors import DSLError
 from dsl.qtensor import PER_CHANNEL, QTensor, check_format, values_per_word
-from runtime.quantize import HessianAccumulator, quantize_weight
+from dsl.quantize import HessianAccumulator, quantize_weight
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_triton = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
         if use_triton:
-            from codegen.kernels.quant_gemm import quant_matmul  # codegen is only needed here
+            from runtime.ops.quant import quant_matmul
 
             return quant_matmul(x, self.weight_q, self.bias, config=self.config)
         bias = None if self.bias is None else self.bias.to(x.dtype)

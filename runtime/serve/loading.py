@@ -146,7 +146,7 @@ def quantize_for_serving(model, quant: str | None) -> dict:
 
     from runtime.nn.moe import MoE
     from runtime.nn.quant_linear import quantize_model
-    from runtime.quantize import quantize_rtn
+    from dsl.quantize import quantize_rtn
 
     def group_for(k: int) -> int:
         return 128 if k % 128 == 0 else (64 if k % 64 == 0 else 32 if k % 32 == 0 else k)

@@ -7,8 +7,10 @@ import uuid
 
 import pytest
 
-from autotune import space as space_mod
-from autotune.space import SearchSpace, register_space
+from codegen import template as template_mod
+from codegen.space import SearchSpace
+from codegen.template import KernelTemplate
+from codegen.work import stream_work
 
 TOY = "kdsl_test_tile"
 
@@ -21,16 +23,29 @@ def toy_space() -> SearchSpace:
     )
 
 
+def _toy_work(problem, config, device):
+    return stream_work(problem.get("M", 1), config.get("BLOCK_M", 16), config.get("num_warps", 4), 4.0, device, "f32")
+
+
+def toy_template(space: SearchSpace, work=None) -> KernelTemplate:
+    """A template the database tests can name: records only need its space; nothing launches it."""
+    def launch(*args):
+        raise AssertionError("the toy template is never launched")
+
+    return KernelTemplate(name=space.template, sources=(), space=space, launch=launch,
+                          problem=lambda rendered, env: dict(env), work=work or _toy_work)
+
+
+def register_toy(monkeypatch, space: SearchSpace, work=None) -> SearchSpace:
+    template_mod.templates()  # load the real ones first, so the toy never shadows a lazy import
+    monkeypatch.setitem(template_mod._TEMPLATES, space.template, toy_template(space, work))
+    return space
+
+
 @pytest.fixture
-def toy():
+def toy(monkeypatch):
     """Registers the toy template for the test (records must name a known template)."""
-    previous = space_mod.SPACES.get(TOY)
-    space = register_space(toy_space())
-    yield space
-    if previous is None:
-        space_mod.SPACES.pop(TOY, None)
-    else:
-        space_mod.SPACES[TOY] = previous
+    return register_toy(monkeypatch, toy_space())
 
 
 @pytest.fixture

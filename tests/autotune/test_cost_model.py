@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from autotune import cost_model as cm
 from autotune.devices import get_device
-from autotune.space import SearchSpace
+from codegen.space import SearchSpace
 from dsl.errors import TuningError
 
 H100, A100 = get_device("h100"), get_device("a100")
@@ -90,11 +90,23 @@ def test_unknown_template_and_bad_problem_raise_tuning_errors():
         cm.predict("gemm", gemm(4, 4, 4, dtype="f13"), BIG, H100)
 
 
-def test_register_cost_model_and_rank_sorts_feasible_configs(monkeypatch):
-    monkeypatch.setattr(cm, "_MODELS", dict(cm._MODELS))  # keep the toy model out of other tests
-    space = SearchSpace(template="toy", params={"BLOCK": (1, 2, 4, 8)}, default={"BLOCK": 2},
-                        constraints=(("not_eight", lambda c, s, d: c["BLOCK"] != 8),))
-    cm.register_cost_model("toy", lambda problem, config, device: abs(config["BLOCK"] - problem["n"]) + 1.0)
+def test_rank_sorts_feasible_configs_by_the_templates_work(monkeypatch):
+    import dataclasses
+
+    from codegen.work import TiledWork
+
+    from .conftest import register_toy
+
+    base = TiledWork(programs=1, flops_per_program=0.0, load_bytes_per_program=0.0, dram_bytes=0.0, k_iters=0,
+                     smem_bytes=0, regs_per_thread=16, threads=32, dtype="f32", launches=0)
+
+    def work(problem, config, device):  # a fixed cost per unit of distance from the problem's n
+        return dataclasses.replace(base, extra_s=abs(config["BLOCK"] - problem["n"]) + 1.0)
+
+    space = register_toy(monkeypatch, SearchSpace(template="toy", params={"BLOCK": (1, 2, 4, 8)},
+                                                  default={"BLOCK": 2},
+                                                  constraints=(("not_eight", lambda c, s, d: c["BLOCK"] != 8),)),
+                         work=work)
     ranked = cm.rank(space, {"n": 4}, H100)
     assert [r.config["BLOCK"] for r in ranked] == [4, 2, 1]
     assert [r.seconds for r in ranked] == [1.0, 3.0, 4.0]
@@ -102,7 +114,7 @@ def test_register_cost_model_and_rank_sorts_feasible_configs(monkeypatch):
 
 
 def test_rank_of_the_gemm_space_prefers_big_tiles_for_big_problems():
-    from autotune.space import get_space
+    from codegen.template import get_space
 
     space = get_space("gemm")
     best = cm.rank(space, gemm(8192, 8192, 8192), H100, top=5)

@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 
-from autotune import space as space_mod
+from codegen.template import get_space
 from autotune.db import TuningDB, device_descriptor
 from autotune.devices import get_device
 from autotune.lookup import ConfigResolver, DefaultConfigWarning
 from autotune.records import write_shipped
-from autotune.space import SearchSpace
+from codegen.space import SearchSpace
 from dsl.errors import TuningError
 
 from .conftest import TOY
@@ -98,7 +98,7 @@ def test_stale_triton_version_is_skipped(db, tmp_path):
     res = resolver(db, tmp_path, triton_version="3.9.0")
     with pytest.warns(DefaultConfigWarning):
         config, source, detail = resolve(res)
-    assert source == "default" and config == space_mod.get_space(TOY).default
+    assert source == "default" and config == get_space(TOY).default
     assert "skipped 1 stale record(s) from Triton 2.3.1" in detail
 
     record(db, source="predicted", config=CFG_PREDICTED, triton_version="3.9.0")
@@ -110,7 +110,9 @@ def test_config_that_no_longer_fits_the_template_is_skipped(db, tmp_path, monkey
     record(db)
     narrowed = SearchSpace(TOY, {"BLOCK_M": (16, 32), "BLOCK_N": (16, 32, 64), "num_warps": (1, 2, 4)},
                            {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4})
-    monkeypatch.setitem(space_mod.SPACES, TOY, narrowed)
+    from .conftest import register_toy
+
+    register_toy(monkeypatch, narrowed)
     with pytest.warns(DefaultConfigWarning):
         config, source, detail = resolve(resolver(db, tmp_path))
     assert (config, source) == (narrowed.default, "default") and "no longer fits" in detail
@@ -135,7 +137,7 @@ def test_default_warns_once_with_the_tune_command(db, tmp_path):
         for _ in range(3):
             config, source, detail = resolve(res)
         resolve(res, {"M": 7, "N": 256, "K": 512})
-    assert config == space_mod.get_space(TOY).default
+    assert config == get_space(TOY).default
     messages = [str(w.message) for w in caught if issubclass(w.category, DefaultConfigWarning)]
     assert len(messages) == 2
     assert "`kdsl tune ops.py:gated --shape K=512,M=128,N=256`" in messages[0]

@@ -14,7 +14,7 @@ from autotune.devices import get_device, local_device
 from autotune.lookup import ConfigResolver, DefaultConfigWarning
 from codegen.kernels import quant_gemm as qg
 from runtime.cli import main
-from runtime.quantize import quantize_fp8, quantize_int8_per_channel, quantize_int8_per_token, quantize_rtn
+from dsl.quantize import quantize_fp8, quantize_int8_per_channel, quantize_int8_per_token, quantize_rtn
 
 needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not qg.interpreter_active(),
                                    reason="triton was imported before TRITON_INTERPRET=1 was set")

@@ -9,7 +9,7 @@ import dsl
 # runtime.compile, imported from its module: independent of the package's lazy attributes.
 from runtime.compiler import compile as kdsl_compile
 from autotune.devices import get_device
-from autotune.space import get_space
+from codegen.template import get_space
 from codegen.kernels.attention import seq_bucket
 from dsl.attention_prims import attention, attention_varlen, paged_attention, rotary, rotary_ref
 

@@ -1,10 +1,5 @@
 """Quantized GEMM kernels under Triton's interpreter (CPU) against the dequantize-then-matmul oracle."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,10 +9,11 @@ from hypothesis import strategies as st
 
 import codegen  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
 from autotune.devices import get_device
-from autotune.space import get_space
+from codegen.template import get_space
 from codegen.kernels import quant_gemm as qg
+from runtime.ops import quant as ops
 from dsl.errors import CodegenError, DSLError, TuningError
-from runtime.quantize import (
+from dsl.quantize import (
     quantize_fp8,
     quantize_int8_per_channel,
     quantize_int8_per_token,
@@ -81,7 +77,7 @@ def test_quant_gemm_equals_dequantize_then_matmul_fp32(bits, group_size, sym):
         BLOCK_K=32 if group_size != -1 else 64,
         SPLIT_K=2 if (bits + (group_size > 0)) % 2 else 1,
     )
-    out = qg.quant_matmul(x, q, bias, config=cfg)
+    out = ops.quant_matmul(x, q, bias, config=cfg)
     ref = x @ q.dequantize().t() + (0 if bias is None else bias)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert _rel_err(out, ref) <= 1e-4
@@ -97,10 +93,10 @@ def test_quant_gemm_fp16_activations(bits, group_size, sym):
     q = quantize_rtn(torch.randn(48, k), bits, group_size, sym).to(DEVICE)
     x = torch.randn(5, k, device=DEVICE).half()
     bias = torch.randn(48, device=DEVICE).half()
-    out = qg.quant_matmul(x, q, bias, config=_cfg(BLOCK_N=16, BLOCK_K=64))
+    out = ops.quant_matmul(x, q, bias, config=_cfg(BLOCK_N=16, BLOCK_K=64))
     assert out.dtype == torch.float16
     # fp16 output rounding (and, per channel, scaling after the dot instead of before) ~ 2**-11.
-    assert _rel_err(out, qg.quant_matmul_reference(x, q, bias)) <= 2e-3
+    assert _rel_err(out, ops.quant_matmul_reference(x, q, bias)) <= 2e-3
     assert _rel_err(out, x.float() @ q.dequantize().t() + bias.float()) <= 2e-3
 
 
@@ -109,12 +105,12 @@ def test_quant_gemm_many_tiles_grouped_order_and_batch_dims():
     torch.manual_seed(3)
     q = quantize_rtn(torch.randn(48, 128), 4, 64, False).to(DEVICE)
     x = torch.randn(2, 20, 128, device=DEVICE)  # M = 40: three row tiles, three column tiles
-    out = qg.quant_matmul(x, q, config=_cfg(BLOCK_N=16, GROUP_M=4, SPLIT_K=2, num_warps=2))
+    out = ops.quant_matmul(x, q, config=_cfg(BLOCK_N=16, GROUP_M=4, SPLIT_K=2, num_warps=2))
     ref = x @ q.dequantize().t()
     assert out.shape == (2, 20, 48)
     assert _rel_err(out, ref) <= 1e-4
     strided = x.transpose(0, 1).reshape(20, 2, 128)[:, 0]  # a non-contiguous view (row stride 256)
-    assert _rel_err(qg.quant_matmul(strided, q, config=_cfg()), strided @ q.dequantize().t()) <= 1e-4
+    assert _rel_err(ops.quant_matmul(strided, q, config=_cfg()), strided @ q.dequantize().t()) <= 1e-4
 
 
 @needs_kernels
@@ -122,20 +118,20 @@ def test_quant_gemm_invalid_uses_raise_clear_errors():
     q = quantize_rtn(torch.randn(32, 128), 4, 32).to(DEVICE)
     x = torch.randn(3, 128, device=DEVICE)
     with pytest.raises(TuningError, match="block_k_within_group"):
-        qg.quant_matmul(x, q, config=_cfg(BLOCK_K=64))
+        ops.quant_matmul(x, q, config=_cfg(BLOCK_K=64))
     with pytest.raises(TuningError, match="split_k_has_work"):
-        qg.quant_matmul(x, q, config=_cfg(SPLIT_K=8))
+        ops.quant_matmul(x, q, config=_cfg(SPLIT_K=8))
     with pytest.raises(TuningError, match="BLOCK_M=24"):
-        qg.quant_matmul(x, q, config=_cfg(BLOCK_M=24))
+        ops.quant_matmul(x, q, config=_cfg(BLOCK_M=24))
     with pytest.raises(DSLError, match="K=128"):
-        qg.quant_matmul(torch.randn(3, 96, device=DEVICE), q)
+        ops.quant_matmul(torch.randn(3, 96, device=DEVICE), q)
     with pytest.raises(DSLError, match="QTensor"):
-        qg.quant_matmul(x, q.dequantize())
+        ops.quant_matmul(x, q.dequantize())
     with pytest.raises(DSLError, match="bias must be"):
-        qg.quant_matmul(x, q, torch.randn(5, device=DEVICE))
+        ops.quant_matmul(x, q, torch.randn(5, device=DEVICE))
     if not ON_GPU:
         with pytest.raises(DSLError, match="bfloat16"):
-            qg.quant_matmul(x.bfloat16(), q)
+            ops.quant_matmul(x.bfloat16(), q)
 
 
 @needs_kernels
@@ -159,14 +155,14 @@ def test_int8_gemm(row_vec, col_vec, split_k, out_dtype, with_bias):
         xs, ws = x.abs().max() / 127, w.abs().max() / 127
         xq = torch.round(x / xs).clamp(-127, 127).to(torch.int8)
         wq = torch.round(w / ws).clamp(-127, 127).to(torch.int8)
-    out = qg.int8_matmul(xq, xs, wq, ws, bias, out_dtype=out_dtype, config=_cfg(BLOCK_K=64, SPLIT_K=split_k))
+    out = ops.int8_matmul(xq, xs, wq, ws, bias, out_dtype=out_dtype, config=_cfg(BLOCK_K=64, SPLIT_K=split_k))
     assert out.dtype == out_dtype and out.shape == (m, n)
     # Peers' check: fp32 matmul of the quantized operands with the scales applied, rtol = atol = 0.1.
     scaled = (xq.float() * xs.reshape(-1, 1)) @ (wq.float() * ws.reshape(-1, 1)).t()
     scaled = scaled + (0 if bias is None else bias)
     torch.testing.assert_close(out.float(), scaled, rtol=0.1, atol=0.1)
     # int32 accumulation is exact: the kernel matches the exact reference to output rounding.
-    exact = qg.int8_matmul_reference(xq, xs, wq, ws, bias, out_dtype=torch.float32)
+    exact = ops.int8_matmul_reference(xq, xs, wq, ws, bias, out_dtype=torch.float32)
     assert _rel_err(out, exact) <= (1e-6 if out_dtype == torch.float32 else 1e-3)
     assert sqnr_db(x @ w.t() + (0 if bias is None else bias), out.float()) > 30.0
 
@@ -176,7 +172,7 @@ def test_int8_linear_quantizes_activations_per_token():
     torch.manual_seed(12)
     x, w = torch.randn(3, 5, 64, device=DEVICE), torch.randn(24, 64, device=DEVICE)
     wq, ws = quantize_int8_per_channel(w)
-    out = qg.int8_linear(x, wq, ws, config=_cfg(BLOCK_K=32, BLOCK_N=16))
+    out = ops.int8_linear(x, wq, ws, backend="triton", config=_cfg(BLOCK_K=32, BLOCK_N=16))
     assert out.shape == (3, 5, 24)
     assert sqnr_db(x @ w.t(), out) > 30.0
 
@@ -190,8 +186,8 @@ def test_fp8_gemm(granularity):
     a, sa = quantize_fp8(x, granularity)
     b, sb = quantize_fp8(w, granularity)
     bias = torch.randn(n, device=DEVICE)
-    out = qg.fp8_matmul(a, sa, b, sb, bias, out_dtype=torch.float32, config=_cfg(BLOCK_K=64))
-    ref = qg.fp8_matmul_reference(a, sa, b, sb, bias)
+    out = ops.fp8_matmul(a, sa, b, sb, bias, out_dtype=torch.float32, config=_cfg(BLOCK_K=64))
+    ref = ops.fp8_matmul_reference(a, sa, b, sb, bias)
     scaled = (a.float() * sa.reshape(-1, 1)) @ (b.float() * sb.reshape(-1, 1)).t() + bias
     torch.testing.assert_close(out, scaled, rtol=0.1, atol=0.1)
     torch.testing.assert_close(ref, scaled, rtol=0.1, atol=0.1)
@@ -204,13 +200,13 @@ def test_scaled_gemm_errors():
     a = torch.zeros(4, 64, dtype=torch.int8, device=DEVICE)
     s = torch.ones(4, device=DEVICE)
     with pytest.raises(DSLError, match="b must be a 2-D torch.int8"):
-        qg.int8_matmul(a, s, a.float(), s)
+        ops.int8_matmul(a, s, a.float(), s)
     with pytest.raises(DSLError, match="K must agree"):
-        qg.int8_matmul(a, s, torch.zeros(4, 32, dtype=torch.int8, device=DEVICE), s)
+        ops.int8_matmul(a, s, torch.zeros(4, 32, dtype=torch.int8, device=DEVICE), s)
     with pytest.raises(DSLError, match="b_scale must hold 1 or 8 values"):
-        qg.int8_matmul(a, s, torch.zeros(8, 64, dtype=torch.int8, device=DEVICE), s)
+        ops.int8_matmul(a, s, torch.zeros(8, 64, dtype=torch.int8, device=DEVICE), s)
     with pytest.raises(TuningError, match="mma_k_for_8bit|not in"):
-        qg.int8_matmul(a, s, a, s, config=_cfg(BLOCK_K=16))
+        ops.int8_matmul(a, s, a, s, config=_cfg(BLOCK_K=16))
 
 
 def test_spaces_are_registered_with_constraints_as_code():
@@ -278,63 +274,12 @@ def test_rendered_sources_are_readable_and_format_specific():
         qg.scaled_gemm_source("int4", True, True, False)
 
 
-_STATIC_COMPILE = textwrap.dedent("""
-    import json, re, torch
-    from codegen.kernels import quant_gemm as qg
-    MMA = r"(?:wgmma\\.mma_async|mma)\\.sync\\.aligned\\.[\\w.]+"
-    out = {}
-    for name, template, cfg, kw in [
-        ("w4a16", "quant_gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, GROUP_M=8, num_warps=4,
-                                     num_stages=3),
-         dict(bits=4, group_size=128, symmetric=False, has_bias=True)),
-        ("int8", "int8_gemm", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=4,
-                                   num_stages=3), dict(has_bias=True)),
-        ("fp8", "fp8_gemm", dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=4,
-                                 num_stages=3), dict(row_scale_vector=False)),
-    ]:
-        ck = qg.compile_for_target(template, cfg, arch=90, **kw)
-        ptx = ck.asm["ptx"]
-        out[name] = {"shared": ck.metadata.shared, "estimate": qg.SPACES[template].smem_bytes(cfg, {}, 2),
-                     "target": ".target sm_90" in ptx, "cubin": len(ck.asm["cubin"]),
-                     "mma": sorted(set(re.findall(MMA, ptx)))}
-    print(json.dumps(out))
-""")
-
-
-def test_static_compile_for_sm90_without_a_gpu(tmp_path):
-    # The compiler cannot lower kernels while the interpreter is on, so compile in a fresh process.
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "0",
-        "KDSL_CACHE_DIR": str(tmp_path / "kdsl"),
-        "TRITON_CACHE_DIR": str(tmp_path / "triton"),
-        "TRITON_DEFAULT_FP_FUSION": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", _STATIC_COMPILE],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, r in res.items():
-        assert r["target"] and r["cubin"] > 0, name
-        assert 0 < r["shared"] <= r["estimate"], (name, r)
-    assert any("f16" in m for m in res["w4a16"]["mma"])
-    assert any("s8" in m for m in res["int8"]["mma"])
-    assert any("e4m3" in m for m in res["fp8"]["mma"])
-
-
 @pytest.mark.gpu
 def test_quant_gemm_int64_offsets_past_2_31_elements():
     # 70000 tokens x 32768 features = 2.3e9 elements: int32 offsets would wrap.
     q = quantize_rtn(torch.randn(64, 32768, device="cuda"), 4, 128)
     x = torch.randn(70000, 32768, device="cuda", dtype=torch.float16)
-    out = qg.quant_matmul(x, q)
+    out = ops.quant_matmul(x, q)
     tail = x[-16:].float() @ q.dequantize().t()
     assert _rel_err(out[-16:], tail) < 2e-3
 
@@ -344,14 +289,7 @@ def test_quant_gemm_int64_offsets_past_2_31_elements():
 def test_quant_gemm_on_gpu_half_types(dtype):
     q = quantize_rtn(torch.randn(4096, 4096, device="cuda"), 4, 128)
     x = torch.randn(16, 4096, device="cuda", dtype=dtype)
-    out = qg.quant_matmul(x, q)
-    assert _rel_err(out, qg.quant_matmul_reference(x, q)) < 1e-2
+    out = ops.quant_matmul(x, q)
+    assert _rel_err(out, ops.quant_matmul_reference(x, q)) < 1e-2
 
 
-def test_static_check_configs_through_the_tuners_checker(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDSL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    cfg = _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=2)
-    (verdict,) = qg.static_check_configs("int8_gemm", [cfg], get_device("h100"), has_bias=True)
-    assert verdict.ok, verdict.reason
-    assert 0 < verdict.shared_bytes <= qg.INT8_GEMM_SPACE.smem_bytes(cfg, {}, 1)

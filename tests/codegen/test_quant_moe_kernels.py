@@ -2,11 +2,6 @@
 every expert, then matmul" in fp32; edge routings; format errors; the search space; a static compile
 for sm_90."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,16 +12,18 @@ from hypothesis import strategies as st
 
 import codegen  # noqa: F401  (switches Triton to its interpreter when there is no GPU)
 from autotune.devices import get_device
-from autotune.space import get_space
+from codegen.template import get_space
 from codegen.kernels import quant_moe as qm
+from codegen.kernels.quant_gemm import interpreter_active
+from runtime.ops.quant import quant_moe_experts
 from dsl.errors import CodegenError, DSLError, TuningError
-from runtime.quantize import quantize_rtn
+from dsl.quantize import quantize_rtn
 
 REPO = Path(__file__).resolve().parents[2]
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 needs_kernels = pytest.mark.skipif(
-    not ON_GPU and not qm.interpreter_active(), reason="triton was imported before TRITON_INTERPRET=1 was set"
+    not ON_GPU and not interpreter_active(), reason="triton was imported before TRITON_INTERPRET=1 was set"
 )
 
 
@@ -92,7 +89,7 @@ def test_quant_moe_equals_dequantize_then_matmul(bits, group_size, sym, split_k,
     # Wide N tiles keep the interpreter's program count low; D = 72 / 96 still leaves columns masked.
     cfg = {"gate_up": _cfg(BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k),
            "down": _cfg(BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=split_k)}
-    out = qm.quant_moe_experts(x, ids, weights, w13, w2, config=cfg)
+    out = quant_moe_experts(x, ids, weights, w13, w2, config=cfg)
     assert out.shape == (tokens, dim) and out.dtype == dtype
     oracle = _oracle(x, ids, weights, gu_qs, dn_qs)
     if dtype == torch.float32:
@@ -133,10 +130,10 @@ def test_quant_moe_edge_routings(case):
         x = torch.randn(dim, tokens, generator=g).to(DEVICE).t()
     ids = ids.to(DEVICE)
     weights = torch.rand(tokens, top_k, generator=g).to(DEVICE)
-    out = qm.quant_moe_experts(x, ids, weights, w13, w2, config=cfg)
+    out = quant_moe_experts(x, ids, weights, w13, w2, config=cfg)
     assert _rel_err(out, _oracle(x, ids, weights, gu_qs, dn_qs)) <= 1e-4
     if case == "idle_experts_top2":  # a fixed-order combine: the same inputs give the same bits
-        assert torch.equal(out, qm.quant_moe_experts(x, ids, weights, w13, w2, config=cfg))
+        assert torch.equal(out, quant_moe_experts(x, ids, weights, w13, w2, config=cfg))
 
 
 @needs_kernels
@@ -145,12 +142,12 @@ def test_quant_moe_zero_tokens_and_the_reference():
     _, w2 = _experts(3, 64, 32, 8, -1, False, seed=2)   # each GEMM has its own format
     empty = torch.zeros(0, 64, device=DEVICE)
     ids, weights = _routing(0, 3, 2, seed=0)
-    for fn in (qm.quant_moe_experts, qm.quant_moe_experts_reference):
+    for fn in (quant_moe_experts, qm.quant_moe_experts_reference):
         out = fn(empty, ids, weights, w13, w2)
         assert out.shape == (0, 64)
     x = torch.randn(5, 64, device=DEVICE)
     ids, weights = _routing(5, 3, 2, seed=3)
-    out = qm.quant_moe_experts(x, ids, weights, w13, w2)  # the default configs
+    out = quant_moe_experts(x, ids, weights, w13, w2)  # the default configs
     assert _rel_err(out, qm.quant_moe_experts_reference(x, ids, weights, w13, w2)) <= 1e-4
 
 
@@ -160,7 +157,7 @@ def test_quant_moe_bad_inputs_raise_clear_errors():
     _, w2 = _experts(2, 64, 32, 4, 32, True, seed=2)
     x = torch.randn(3, 64, device=DEVICE)
     ids, weights = _routing(3, 2, 2, seed=0)
-    run = qm.quant_moe_experts
+    run = quant_moe_experts
     with pytest.raises(DSLError, match="D=64"):
         run(torch.randn(3, 32, device=DEVICE), ids, weights, w13, w2)
     with pytest.raises(DSLError, match=r"must lie in \[0, 2\)"):
@@ -245,56 +242,3 @@ def test_rendered_sources_are_readable_and_format_specific():
         qm.quant_moe_source("down", 5, 32, True, False)
 
 
-# Representative configs: the defaults of a decode step's down GEMM (one token, top-2 of 8 experts:
-# split-K into the combine buffer) and of a prefill's gate_up GEMM (BLOCK_M 64, two accumulators),
-# 4-bit g128 asymmetric weights, fp16 activations and scales, compiled for sm_90 in a process
-# without the interpreter.
-_STATIC_COMPILE = textwrap.dedent("""
-    import json, re, sys, torch
-    from autotune.devices import get_device
-    from autotune.static_check import resource_usage
-    from codegen.kernels import quant_moe as qm
-    MMA = r"(?:wgmma\\.mma_async|mma)\\.sync\\.aligned\\.[\\w.]+"
-    h100 = get_device("h100")
-    out = {}
-    for mode, tokens, n, k in (("down", 1, 512, 256), ("gate_up", 512, 256, 512)):
-        wn = 2 * n if mode == "gate_up" else n
-        w = qm.StackedQTensor(torch.zeros(8, k // 8, wn, dtype=torch.int32), torch.ones(8, k // 128, wn),
-                              torch.zeros(8, k // 128, wn, dtype=torch.uint8), 4, 128, (wn, k), False)
-        shape = qm.problem_shape(mode, tokens, 2, w, 2)
-        cfg = qm.default_config(shape, h100)
-        ck = qm.compile_for_target(mode, cfg, arch=90, bits=4, group_size=128, symmetric=False)
-        ptx = ck.asm["ptx"]
-        out[mode] = {"config": cfg, "shared": ck.metadata.shared, "target": ".target sm_90" in ptx,
-                     "estimate": qm.QUANT_MOE_SPACE.smem_bytes(cfg, shape, 2),
-                     "mma": sorted(set(re.findall(MMA, ptx))), **resource_usage(ck.asm["cubin"])}
-    print(json.dumps(out))
-""")
-
-
-def test_static_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch):
-    # The compiler cannot lower kernels while the interpreter is on, so compile in a fresh process.
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "0",
-        "KDSL_CACHE_DIR": str(tmp_path / "kdsl"),
-        "TRITON_DEFAULT_FP_FUSION": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run([sys.executable, "-c", _STATIC_COMPILE], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    h100 = get_device("h100")
-    assert res["down"]["config"]["SPLIT_K"] > 1 and res["gate_up"]["config"]["BLOCK_M"] == 64
-    for mode, r in res.items():
-        assert r["target"] and any("f16" in m for m in r["mma"]), mode
-        assert r["stack"] == 0 and r["local"] == 0, (mode, r)        # no register spills
-        assert r["registers"] <= h100.max_regs_per_thread, (mode, r)
-        shared = r["shared"] + r["static_shared"]
-        assert 0 < shared <= min(r["estimate"], h100.smem_per_block), (mode, r)
-    # The tuner's static check agrees (its own worker process; the compile comes from triton's cache).
-    (verdict,) = qm.static_check_configs("down", [res["down"]["config"]], h100, bits=4, group_size=128,
-                                         symmetric=False)
-    assert verdict.ok and verdict.spill_bytes == 0 and verdict.registers == res["down"]["registers"], verdict

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from autotune import space as space_mod
 from autotune.db import TuningDB, device_descriptor
 from autotune.devices import get_device
-from autotune.space import SearchSpace, register_space
+from codegen.space import SearchSpace
 from runtime.cli import main
 
 TEMPLATE = "kdsl_test_cli_tile"
@@ -17,11 +16,13 @@ TEMPLATE = "kdsl_test_cli_tile"
 
 @pytest.fixture
 def db_path(tmp_path, monkeypatch):
-    register_space(SearchSpace(TEMPLATE, {"BLOCK": (16, 32, 64), "num_warps": (2, 4)}, {"BLOCK": 32, "num_warps": 4}))
+    from tests.autotune.conftest import register_toy
+
+    register_toy(monkeypatch, SearchSpace(TEMPLATE, {"BLOCK": (16, 32, 64), "num_warps": (2, 4)},
+                                          {"BLOCK": 32, "num_warps": 4}))
     monkeypatch.setenv("KDSL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("KDSL_DB", raising=False)
     yield tmp_path / "t.sqlite"
-    space_mod.SPACES.pop(TEMPLATE, None)
 
 
 def lines(n, device="h100", triton="3.9.0"):

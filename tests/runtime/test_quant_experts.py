@@ -11,7 +11,7 @@ import torch
 from codegen.kernels.quant_moe import quant_moe_experts_reference
 from dsl.errors import DSLError
 from runtime.nn import MoE, QuantExperts
-from runtime.quantize import sqnr_db
+from dsl.quantize import sqnr_db
 
 
 def _moe(dim=64, hidden=32, experts=4, top_k=2, backend="torch", seed=0):

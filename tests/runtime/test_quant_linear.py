@@ -7,7 +7,7 @@ from torch import nn
 from dsl.errors import DSLError
 from dsl.qtensor import QTensor
 from runtime.nn.quant_linear import QuantLinear, quantize_model
-from runtime.quantize import sqnr_db
+from dsl.quantize import sqnr_db
 
 
 def _linear(k=256, n=96, bias=True, seed=0):

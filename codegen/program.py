@@ -1,5 +1,6 @@
-"""Runs a partitioned graph: kernels through their generated launchers, views as torch views,
-extern primitives by their reference semantics."""
+"""A graph compiled to Triton kernels and how it runs: kernels through their templates' launchers,
+views as torch views, extern primitives by their reference semantics. The runtime's compiled ops
+and the tuner both build programs from here."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import Callable
 
 import torch
 
-from codegen import kernels as K
-from codegen.partition import Step, partition
-from codegen.render import load_module, source_hash
 from dsl import shapes as sh
 from dsl.graph import Graph, Ref
 from dsl.reference import eval_node
+
+from .kernels import render_group
+from .partition import Step, partition
+from .render import load_module, source_hash
+from .template import get_template
 
 
 @dataclasses.dataclass
@@ -43,7 +46,7 @@ class TritonProgram:
         for step in self.steps:
             if step.kind != "kernel":
                 continue
-            r = K.render_group(graph, step.kernel, op_name)
+            r = render_group(graph, step.kernel, op_name)
             self.rendered[step.kernel.name] = r
             self.infos.append(KernelInfo(r.name, r.template, r.source, source_hash(r.source),
                                          list(step.kernel.nodes)))
@@ -55,7 +58,7 @@ class TritonProgram:
 
     def problem(self, name: str, env) -> dict:
         r = self.rendered[name]
-        return K.PROBLEMS[r.template](r, env)
+        return get_template(r.template).problem(r, env)
 
     def run(self, tensors, env: dict[str, int], config_for: Callable[[KernelInfo, dict, dict], dict]):
         graph = self.graph
@@ -73,8 +76,9 @@ class TritonProgram:
                     out = torch.empty(shape, dtype=t.dtype.torch, device=device)
                     values[ref] = out
                     outs.append(out)
-                config = config_for(infos[r.name], K.PROBLEMS[r.template](r, env), env)
-                K.INVOKERS[r.template](self.module(r.name), r, ins, outs, env, config)
+                template = get_template(r.template)
+                config = config_for(infos[r.name], template.problem(r, env), env)
+                template.launch(self.module(r.name), r, ins, outs, env, config)
             else:
                 node = graph.node(step.node)
                 outs = eval_node(node, [values[ref] for ref in node.inputs], env)

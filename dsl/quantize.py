@@ -309,3 +309,88 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8` in float32."""
     s = scale.to(torch.float32)
     return q.to(torch.float32) * (s if s.dim() == 0 else s.view(-1, *([1] * (q.dim() - 1))))
+
+
+# ---- reference semantics of the quantized GEMMs (what codegen's kernels compute) -----------------
+
+ACT_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def check_bias(bias, n: int, where: str):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or not bias.dtype.is_floating_point):
+        raise DSLError(
+            f"{where}: bias must be a floating-point vector of {n} elements, got "
+            f"{bias.dtype} {list(bias.shape)}"
+        )
+
+def check_quant_inputs(x: torch.Tensor, qweight: QTensor, bias, where: str):
+    if not isinstance(qweight, QTensor):
+        raise DSLError(f"{where}: qweight must be a dsl.QTensor, got {type(qweight).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DSLError(f"{where}: activations must be float16, bfloat16 or float32, got {got}")
+    if x.dim() == 0 or x.shape[-1] != qweight.in_features:
+        raise DSLError(
+            f"{where}: x has {x.shape[-1] if x.dim() else 0} features but the weight expects "
+            f"K={qweight.in_features} (weight shape {list(qweight.shape)})"
+        )
+    check_bias(bias, qweight.out_features, where)
+
+def quant_matmul_reference(
+    x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the kernel computes: dequantize in float32, round the weight to x's dtype, accumulate
+    in float32, add the bias, return x's dtype."""
+    check_quant_inputs(x, qweight, bias, "quant_matmul_reference")
+    w = qweight.dequantize_kn(torch.float32).to(x.dtype).to(torch.float32)
+    y = x.to(torch.float32) @ w
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+def scale_vector(scale, length: int, where: str, what: str) -> tuple[torch.Tensor, bool]:
+    """A scale given as a 0-d/1-element tensor (per tensor) or a vector of ``length``."""
+    if not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point:
+        raise DSLError(f"{where}: {what} must be a floating-point tensor")
+    if scale.numel() == 1 and length != 1:
+        return scale.reshape(1).to(torch.float32), False
+    if scale.numel() == length:
+        return scale.reshape(length).to(torch.float32), True
+    raise DSLError(f"{where}: {what} must hold 1 or {length} values, got shape {list(scale.shape)}")
+
+def check_scaled(a, b, dtype, where):
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 2:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DSLError(f"{where}: {name} must be a 2-D {dtype} tensor, got {got}")
+    if a.shape[1] != b.shape[1]:
+        raise DSLError(f"{where}: a is [M, K={a.shape[1]}] but b is [N, K={b.shape[1]}]; K must agree")
+
+def _scaled_reference(a, a_scale, b, b_scale, bias, out_dtype):
+    # float64 sums of 8-bit products are exact for any K a GEMM here will see.
+    acc = a.to(torch.float64) @ b.to(torch.float64).t()
+    sa = (
+        a_scale.to(torch.float64).reshape(-1, 1)
+        if a_scale.numel() > 1
+        else a_scale.to(torch.float64).reshape(())
+    )
+    sb = (
+        b_scale.to(torch.float64).reshape(1, -1)
+        if b_scale.numel() > 1
+        else b_scale.to(torch.float64).reshape(())
+    )
+    y = acc * sa * sb
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """``(a @ b.T) * a_scale[:, None] * b_scale[None, :] + bias`` with int8 a [M, K], b [N, K]."""
+    check_scaled(a, b, torch.int8, "int8_matmul_reference")
+    return _scaled_reference(a, a_scale, b, b_scale, bias, out_dtype)
+
+def fp8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """The same with fp8 e4m3 operands."""
+    check_scaled(a, b, FP8_DTYPE, "fp8_matmul_reference")
+    return _scaled_reference(a, a_scale, b, b_scale, bias, out_dtype)

@@ -1,21 +1,22 @@
 """Search spaces: per template, the tunable parameters, their values, and constraints as code.
 
-A config is a plain dict of ints: template constexprs (BLOCK_M, ...) plus the launch options
-``num_warps`` and ``num_stages``. Constraints see the config, the problem shape and the device.
+A space is a property of its kernel template (declared beside it in ``codegen.kernels``), not of
+the tuner. A config is a plain dict of ints: template constexprs (BLOCK_M, ...) plus the launch
+options ``num_warps`` and ``num_stages``. Constraints see the config, the problem shape and the
+device descriptor (``autotune.devices.Device``, read by attribute: vendor, smem_per_block, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from dsl.errors import TuningError
 
-from .devices import Device
-
 Config = dict[str, int]
 Shape = Mapping[str, int]
+Device = Any  # a device descriptor; codegen reads its attributes and never imports autotune
 Constraint = Callable[[Config, Shape, Device], bool]
 
 
@@ -67,24 +68,6 @@ class SearchSpace:
         for values in self.params.values():
             n *= len(values)
         return n
-
-
-SPACES: dict[str, SearchSpace] = {}
-
-
-def register_space(space: SearchSpace) -> SearchSpace:
-    SPACES[space.template] = space
-    return space
-
-
-def get_space(template: str) -> SearchSpace:
-    if template not in SPACES:
-        # Spaces register when their template's module is imported.
-        import codegen.kernels  # noqa: F401
-
-    if template not in SPACES:
-        raise TuningError(f"unknown template '{template}' (known: {sorted(SPACES)})")
-    return SPACES[template]
 
 
 def smem_fits(config: Config, shape: Shape, device: Device, space: SearchSpace, elem_bytes: int = 2) -> bool:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsl.errors import DSLError
-from runtime.quantize import (
+from dsl.quantize import (
     FP8_DTYPE,
     HessianAccumulator,
     dequantize_fp8,
