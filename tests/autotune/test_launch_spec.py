@@ -155,7 +155,7 @@ def test_attention_backward_records_each_kernel():
 @pytest.mark.slow
 def test_a_multi_kernel_launch_fails_when_one_kernel_fails(fresh_cache):
     env = {"B": 1, "H": 32, "HK": 8, "S": 4096, "SK": 4096, "D": 128}
-    config = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
+    config = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}  # dK/dV and dQ spill
     specs = _record(grad(att.trace((dsl.f16,) * 3)), env, "attention_bwd", config)
     (verdict,) = check_launches([specs], get_device("h100"))
     assert not verdict.ok and len(verdict.kernels) == 3
