@@ -10,7 +10,7 @@ from autotune.launch_spec import LaunchRecordError, TensorArg, record_launches, 
 from autotune.static_check import check_launches
 from dsl import moe
 from dsl import shapes as sh
-from dsl.attention_prims import attention
+from dsl.attention_prims import attention, paged_attention
 from dsl.autodiff import grad
 
 T = dsl.Tensor
@@ -152,7 +152,22 @@ def test_attention_backward_records_each_kernel():
     assert all(specialise(s, 90).signature for s in specs)
 
 
-@pytest.mark.slow
+@dsl.op
+def paged(q: T["B", "H", "D"], kc: T["NB", "P", "HK", "D"], vc: T["NB", "P", "HK", "D"],
+          table: T["B", "M", dsl.i32], lens: T["B", dsl.i32]):
+    return paged_attention(q, kc, vc, table, lens)
+
+
+def test_paged_attention_with_split_k_records_its_reduce_kernel():
+    env = {"B": 16, "H": 32, "D": 128, "NB": 4096, "P": 16, "HK": 8, "M": 256}
+    config = {"BLOCK_N": 64, "NUM_SPLITS": 4, "num_warps": 4, "num_stages": 2}
+    split, reduce = _record(paged.trace((dsl.f16, dsl.f16, dsl.f16, dsl.i32, dsl.i32)), env, "attention_paged",
+                            config)
+    assert split.name.endswith("_split") and reduce.name.endswith("_reduce")
+    assert split.constexprs["NUM_SPLITS"] == reduce.constexprs["NUM_SPLITS"] == 4
+    assert "num_stages" not in reduce.options
+
+
 def test_a_multi_kernel_launch_fails_when_one_kernel_fails(fresh_cache):
     env = {"B": 1, "H": 32, "HK": 8, "S": 4096, "SK": 4096, "D": 128}
     config = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}  # dK/dV and dQ spill
