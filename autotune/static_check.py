@@ -50,6 +50,8 @@ class Verdict:
     spill_bytes: int | None = None
     compile_s: float = 0.0
     cached: bool = dataclasses.field(default=False, compare=False)
+    # Per kernel of a multi-kernel launch (:func:`check_launches`): (kernel name, its verdict).
+    kernels: tuple = dataclasses.field(default=(), compare=False)
 
 
 def cache_path() -> Path:
@@ -186,22 +188,17 @@ def resource_usage(cubin: bytes) -> dict | None:
     return {"registers": reg, "stack": stack, "static_shared": shared, "local": local}
 
 
-def _compile_one(jit_fn, signature, constexprs, options, cc) -> dict:
-    """Compile in *this* process (the worker) and collect the facts."""
+def _compile_source(src, cc: int, options: Mapping[str, Any]) -> dict:
+    """Compile ``src`` in *this* process (the worker) and collect the facts."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     import triton
 
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=jit_fn, signature=signature, constexprs=dict(constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(options))
     except Exception as exc:  # any compile failure is a verdict, never an exception to the tuner
-        text = str(exc).strip() or type(exc).__name__
-        # Errors of the machine (disk, memory) say nothing about the candidate: do not keep them.
-        return {"error": f"{type(exc).__name__}: {text[:1500]}", "compile_s": time.perf_counter() - start,
-                "keep": not isinstance(exc, (OSError, MemoryError))}
+        return _failure(exc, start)
     facts = {"error": None, "shared": int(getattr(compiled.metadata, "shared", 0) or 0),
              "compile_s": time.perf_counter() - start}
     usage = resource_usage(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
@@ -210,6 +207,34 @@ def _compile_one(jit_fn, signature, constexprs, options, cc) -> dict:
     # Without cuobjdump the facts are partial; a later run with the tool should look again.
     facts["keep"] = usage is not None
     return facts
+
+
+def _failure(exc: BaseException, start: float) -> dict:
+    text = str(exc).strip() or type(exc).__name__
+    # Errors of the machine (disk, memory) say nothing about the candidate: do not keep them.
+    return {"error": f"{type(exc).__name__}: {text[:1500]}", "compile_s": time.perf_counter() - start,
+            "keep": not isinstance(exc, (OSError, MemoryError))}
+
+
+def _compile_job(fn, job: dict) -> dict:
+    """One job of a worker request: a recorded launch (``launch``), specialised by Triton's own
+    binder, or an explicit signature with constexprs (``signature``)."""
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    try:
+        if "launch" in job:
+            from .launch_spec import LaunchSpec, specialise
+
+            spec = specialise(LaunchSpec.revive(fn, job["launch"]), job["cc"])
+            src = ASTSource(fn, spec.signature, spec.constexprs, spec.attrs)
+            options = vars(spec.options)
+        else:
+            src = ASTSource(fn=fn, signature=job["signature"], constexprs=dict(job["constexprs"]))
+            options = job["options"]
+    except Exception as exc:
+        return _failure(exc, start)
+    return _compile_source(src, job["cc"], options)
 
 
 def _worker_main() -> int:
@@ -223,22 +248,23 @@ def _worker_main() -> int:
 
     request = json.loads(sys.stdin.read())
     sys.path[:0] = [p for p in request["sys_path"] if p not in sys.path]
-    spec = importlib.util.spec_from_file_location(f"kdsl_static_{os.getpid()}", request["module_path"])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    fn = getattr(module, request["function"])
+    modules = {}
     for job in request["jobs"]:
-        facts = _compile_one(fn, job["signature"], job["constexprs"], job["options"], job["cc"])
+        path = job["module_path"]
+        if path not in modules:
+            spec = importlib.util.spec_from_file_location(f"kdsl_static_{len(modules)}_{os.getpid()}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            modules[path] = module
+        facts = _compile_job(getattr(modules[path], job["function"]), job)
         print(json.dumps({"id": job["id"], "facts": facts}), flush=True)
     return 0
 
 
-def _compile_in_worker(jit_fn, jobs: list[dict], timeout_s: float) -> dict[int, dict]:
+def _compile_in_worker(jobs: list[dict], timeout_s: float) -> dict[int, dict]:
     """Run ``jobs`` in one worker process; jobs without an answer get an error that is not kept."""
-    path, name = _function_file(jit_fn)
-    request = json.dumps({"sys_path": [p for p in sys.path if p], "module_path": str(path), "function": name,
-                          "jobs": jobs})
+    request = json.dumps({"sys_path": [p for p in sys.path if p], "jobs": jobs})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns without it; keep its default
     results: dict[int, dict] = {}
@@ -330,10 +356,11 @@ def check_configs(jit_fn, signature: Mapping[str, str], configs: Sequence[Mappin
             verdicts[i] = Verdict(False, f"constexprs and signature must be plain ints/floats/strings: {config}")
             continue
         keys[i] = (key, options["num_warps"])
-        jobs.append({"id": i, "signature": sig, "constexprs": constexprs, "options": options,
-                     "cc": target.compute_capability})
+        path, name = _function_file(jit_fn)
+        jobs.append({"id": i, "module_path": str(path), "function": name, "signature": sig,
+                     "constexprs": constexprs, "options": options, "cc": target.compute_capability})
     if jobs:
-        answers = _compile_in_worker(jit_fn, jobs, timeout_s)
+        answers = _compile_in_worker(jobs, timeout_s)
         for i, facts in answers.items():
             key, warps = keys[i]
             if use_cache and facts.get("keep"):
@@ -353,6 +380,81 @@ def static_check(jit_fn, signature: Mapping[str, str], constexprs: Mapping[str, 
     """
     config = {**dict(constexprs), "num_warps": num_warps, "num_stages": num_stages, **dict(options or {})}
     return check_configs(jit_fn, signature, [config], target, use_cache=use_cache)[0]
+
+
+def _launch_key(spec, cc: int) -> str:
+    from .launch_spec import specialise
+
+    blob = json.dumps([FACTS_VERSION, "launch", _kernel_identity(spec.fn), specialise(spec, cc).key(), cc,
+                       _triton_version()])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _launch_verdict(kernels: list[tuple[str, Verdict]]) -> Verdict:
+    """A launch passes when every kernel it launches passes; it reports the first failure, else the
+    largest resources of its kernels."""
+    cached = all(v.cached for _, v in kernels)
+    compile_s = sum(v.compile_s for _, v in kernels)
+    for name, v in kernels:
+        if not v.ok:
+            return dataclasses.replace(v, reason=f"{name}: {v.reason}", compile_s=compile_s, cached=cached,
+                                       kernels=tuple(kernels))
+    def most(field):
+        values = [getattr(v, field) for _, v in kernels if getattr(v, field) is not None]
+        return max(values) if values else None
+    unknown = [name for name, v in kernels if v.registers is None]
+    reason = "; ".join(f"{name}: {v.reason}" for name, v in kernels)
+    return Verdict(True, reason if len(kernels) > 1 else kernels[0][1].reason, shared_bytes=most("shared_bytes"),
+                   registers=most("registers"), spill_bytes=None if unknown else most("spill_bytes"),
+                   compile_s=compile_s, cached=cached, kernels=tuple(kernels))
+
+
+def check_launches(candidates: Sequence[Sequence[Any]], target: Device, *, use_cache: bool = True,
+                   timeout_s: float = 300.0) -> list[Verdict]:
+    """Static verdicts for candidates given as their recorded launches
+    (``autotune.launch_spec.record_launches``): each kernel is compiled for ``target`` exactly as
+    Triton's launcher would specialise it, uncached ones in one worker process for the batch. A
+    candidate passes when every kernel it launches passes. Never raises for a bad candidate.
+    """
+    if target.vendor != "nvidia" or target.compute_capability <= 0:
+        return [Verdict(True, f"not checkable statically: {target.name} ({target.vendor}) is not an NVIDIA "
+                              f"target; constraints only") for _ in candidates]
+    cc = target.compute_capability
+    per_kernel: list[list] = []         # per candidate: [name, key, warps, facts-or-None, cached]
+    jobs, job_of_key = [], {}
+    for launches in candidates:
+        rows = []
+        for spec in launches:
+            try:
+                key = _launch_key(spec, cc)
+                path, name = _function_file(spec.fn)
+                payload = spec.to_json()
+                json.dumps(payload)
+            except Exception as exc:  # a launch we cannot even describe is a rejected candidate
+                rows.append([spec.name, None, spec.num_warps,
+                             {"error": f"cannot prepare the compile: {type(exc).__name__}: {exc}",
+                              "compile_s": 0.0, "keep": False}, False])
+                continue
+            facts = _CACHE.get(key) if use_cache else None
+            rows.append([spec.name, key, spec.num_warps, facts, facts is not None])
+            if facts is None and key not in job_of_key:
+                job_of_key[key] = len(jobs)
+                jobs.append({"id": len(jobs), "module_path": str(path), "function": name, "launch": payload,
+                             "cc": cc})
+        per_kernel.append(rows)
+    answers = _compile_in_worker(jobs, timeout_s) if jobs else {}
+    for key, i in job_of_key.items():
+        if use_cache and answers[i].get("keep"):
+            _CACHE.put(key, answers[i])
+    verdicts = []
+    for rows in per_kernel:
+        kernels = []
+        for name, key, warps, facts, cached in rows:
+            facts = facts if facts is not None else answers[job_of_key[key]]
+            kernels.append((name, _judge(facts, target, warps, cached=cached)))
+        verdicts.append(_launch_verdict(kernels) if kernels else
+                        Verdict(False, "the launch recorded no kernel"))
+    return verdicts
 
 
 if __name__ == "__main__":
