@@ -459,22 +459,3 @@ def check_launches(candidates: Sequence[Sequence[Any]], target: Device, *, use_c
 
 if __name__ == "__main__":
     raise SystemExit(_worker_main())
-
-
-def check_config_groups(configs: Sequence[Mapping[str, Any]], target: Device, *, group_of, kernel_of,
-                        constexprs_of) -> list[Verdict]:
-    """:func:`check_configs` for configs that compile to different signatures (split-K writing float32
-    partials, say): ``group_of(config)`` names a config's variant, ``kernel_of(group)`` gives that
-    variant's ``(jit_fn, signature, extra_constexprs)``, ``constexprs_of(config)`` the tuning ones."""
-    groups: dict[Any, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(group_of(config), []).append(i)
-    verdicts: list[Verdict | None] = [None] * len(configs)
-    for group, idx in groups.items():
-        fn, signature, extra = kernel_of(group)
-        batch = [constexprs_of(configs[i]) | extra | {"num_warps": configs[i]["num_warps"],
-                                                       "num_stages": configs[i]["num_stages"]} for i in idx]
-        for i, verdict in zip(idx, check_configs(fn, signature, batch, target)):
-            verdicts[i] = verdict
-    return verdicts
-

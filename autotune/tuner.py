@@ -400,80 +400,40 @@ def in_process_runner(task: KernelTask, config: dict, repeats: int):
 # -- the static filter: compile for the device without running ------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class LaunchSpec:
-    """What the static check compiles: the jit function, the Triton types of its runtime arguments
-    and its constexpr values, as one launch with ``config`` would pass them."""
+def record(task: KernelTask, config: dict):
+    """The kernel launches one launch of ``task`` with ``config`` makes, recorded on meta tensors
+    (nothing runs): what the static check compiles, with Triton's own specialisation."""
+    from .launch_spec import record_launches
 
-    fn: object
-    signature: dict
-    constexprs: dict
-
-
-def launch_spec(task: KernelTask, config: dict) -> LaunchSpec:
-    """Recorded from a launch on meta tensors that never runs. Constexprs come from the launch, not
-    from the config: a template may derive some from the shape (``EVEN_K``), and a config may
-    change argument types (split-K writes float32 partials)."""
-    name = task.kernel
-    jit_fn = getattr(task.module, name)
-    recorded = {}
-
-    class _Recorder:
-        def __getitem__(self, grid):
-            def call(*args, **kwargs):
-                recorded["args"], recorded["kwargs"] = args, kwargs
-            return call
-
-    setattr(task.module, name, _Recorder())
-    try:
-        outs = [torch.empty_like(e, device="meta") for e in task.expected]
-        ins = [t.to("meta") for t in task.inputs]
-        task.kernel_template.launch(task.module, task.rendered, ins, outs, task.env, config)
-    finally:
-        setattr(task.module, name, jit_fn)
-    names = list(jit_fn.arg_names)
-    constexpr_names = _constexpr_params(jit_fn)
-    values = dict(zip(names, recorded["args"]))
-    values.update((k, v) for k, v in recorded["kwargs"].items() if k in names)  # the rest: launch options
-    signature = {n: _triton_type(v) for n, v in values.items() if n not in constexpr_names}
-    constexprs = {n: v for n, v in values.items() if n in constexpr_names}
-    return LaunchSpec(jit_fn, signature, constexprs)
+    template = task.kernel_template
+    return record_launches(template.launch, task.module, task.rendered, task.inputs, task.expected, task.env,
+                           config, template.kernel_names(task.rendered))
 
 
-def launch_signature(task: KernelTask, config: dict):
-    """The jit function and its Triton signature, recorded from a launch that never runs."""
-    spec = launch_spec(task, config)
-    return spec.fn, spec.signature
+def launch_spec(task: KernelTask, config: dict):
+    """The first recorded launch of ``task`` with ``config`` (see :func:`record`)."""
+    return record(task, config)[0]
 
 
-def _constexpr_params(jit_fn) -> set[str]:
-    import inspect
+def static_verdicts(task: KernelTask, configs: list[dict], target: Device) -> list:
+    """Static verdicts for ``configs`` of ``task`` on ``target``: each candidate's recorded launches,
+    compiled exactly as the runtime would launch them, in one worker process for the batch."""
+    from .launch_spec import LaunchRecordError
+    from .static_check import Verdict, check_launches
 
-    params = inspect.signature(getattr(jit_fn, "fn", jit_fn)).parameters
-    return {n for n, p in params.items() if "constexpr" in str(p.annotation)}
-
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                 torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
-                 torch.uint8: "u8", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
-
-
-def _triton_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TRITON_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TuningError(f"cannot describe a launch argument of type {type(value).__name__}")
+    launches, failed = [], {}
+    for i, config in enumerate(configs):
+        try:
+            launches.append(record(task, config))
+        except LaunchRecordError as exc:
+            failed[i] = Verdict(False, str(exc))
+            launches.append([])
+    checked = iter(check_launches([l for l in launches if l], target))
+    return [failed[i] if i in failed else next(checked) for i in range(len(configs))]
 
 
 def static_filter(task: KernelTask, target: Device) -> Callable[[dict], str | None]:
     """Constraints as code, then (NVIDIA targets) compile for the target and reject overflow/spills."""
-    from .static_check import static_check
-
     space = task.space
 
     def feasible(config: dict) -> str | None:
@@ -482,9 +442,7 @@ def static_filter(task: KernelTask, target: Device) -> Callable[[dict], str | No
             return f"violates {', '.join(bad)}"
         if target.vendor != "nvidia":
             return None
-        spec = launch_spec(task, config)
-        verdict = static_check(spec.fn, spec.signature, spec.constexprs, config.get("num_warps", 4),
-                               config.get("num_stages", 3), target)
+        (verdict,) = static_verdicts(task, [config], target)
         return None if verdict.ok else f"static check: {verdict.reason}"
 
     return feasible
@@ -643,7 +601,7 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
         if not todo:
             continue
         check = target.vendor == "nvidia" and feasible is None
-        verdicts = _check_batch(task, todo, target) if check else [None] * len(todo)
+        verdicts = static_verdicts(task, todo, target) if check else [None] * len(todo)
         for config, verdict in zip(todo, verdicts):
             if verdict is not None and not verdict.ok:
                 failures.append(f"{config}: static check: {verdict.reason}")
@@ -659,25 +617,8 @@ def predict_task(task: KernelTask, *, target: Device, db=None, candidates: int =
                       "predicted", failures)
 
 
-def _check_batch(task: KernelTask, configs: list[dict], target: Device) -> list:
-    """Static verdicts for ``configs``, one compile worker per distinct launch signature."""
-    from .static_check import check_configs
-
-    groups: dict[str, list[int]] = {}
-    specs = [launch_spec(task, c) for c in configs]
-    for i, spec in enumerate(specs):
-        groups.setdefault(repr(sorted(spec.signature.items())), []).append(i)
-    verdicts: list = [None] * len(configs)
-    for idx in groups.values():
-        batch = [{**specs[i].constexprs, **{k: configs[i][k] for k in LAUNCH_OPTIONS if k in configs[i]}}
-                 for i in idx]
-        for i, verdict in zip(idx, check_configs(specs[idx[0]].fn, specs[idx[0]].signature, batch, target)):
-            verdicts[i] = verdict
-    return verdicts
-
-
 __all__ = ["KernelTask", "TuneResult", "build_tasks", "example_inputs", "tune_task", "predict_task",
            "IsolatedRunner", "in_process_runner", "CandidateFailure", "static_filter", "study_name",
-           "launch_signature", "launch_spec", "LaunchSpec", "cost_problem", "warm_start", "measured_trials",
+           "record", "launch_spec", "static_verdicts", "cost_problem", "warm_start", "measured_trials",
            "open_study", "TemplateTasks", "template_task_names", "template_tasks",
            "build_template_tasks", "TaskSource"]

@@ -46,7 +46,8 @@ def _fwd_smem(config, shape, elem_bytes):
     d = _pow2(shape.get("D", 128))
     q_tile = config["BLOCK_M"] * d
     kv_tiles = 2 * config["BLOCK_N"] * d * max(1, config["num_stages"])  # num_stages buffers each
-    return (q_tile + kv_tiles) * elem_bytes
+    # Exact on 10 sm_90 compiles of recorded launches (benchmarks/results/static_sm90_2026-12-03).
+    return (q_tile + kv_tiles) * elem_bytes + 1024
 
 
 def _bwd_smem(config, shape, elem_bytes):
@@ -54,7 +55,8 @@ def _bwd_smem(config, shape, elem_bytes):
     d = _pow2(shape.get("D", 128))
     kv = 2 * config["BLOCK_N"] * d
     q_do = 2 * config["BLOCK_M"] * d * max(1, config["num_stages"])
-    return (kv + q_do) * elem_bytes
+    # At or above the sm_90 compiles within 512 B: the pipelined q/dO tiles plus row statistics.
+    return (kv + q_do) * elem_bytes + 1024 + max(1, config["num_stages"]) * config["BLOCK_M"] * 8
 
 
 def _smem_ok(estimate):
@@ -64,22 +66,25 @@ def _smem_ok(estimate):
 
 
 def _fwd_regs_ok(config, shape, device):
-    # fp32 accumulator [BLOCK_M, D] plus the score tile [BLOCK_M, BLOCK_N] per thread. The bound
-    # is calibrated on sm_90 compiles (cuobjdump): 64x32 tiles at D=256 with 4 warps (144) and
-    # 128x128 at D=128 with 8 warps (128) spill, 128x64 at D=128 with 8 warps (96) does not.
+    # fp32 accumulator [BLOCK_M, D] plus the score tile [BLOCK_M, BLOCK_N] per thread. Calibrated on
+    # sm_90 compiles of the launch as the runtime specialises it (benchmarks/results/
+    # static_sm90_2026-12-03): 128 per thread is clean (the Triton tutorial's Hopper 128x128 on 8
+    # warps: 239 registers, 0 spills; 64x128 on 4 warps), 192 spills (128x64 on 4, 256x64 on 8).
     if device.vendor == "cpu":
         return True
     d = _pow2(shape.get("D", 128))
-    return config["BLOCK_M"] * (d + config["BLOCK_N"]) / _threads(config, device) <= 112
+    return config["BLOCK_M"] * (d + config["BLOCK_N"]) / _threads(config, device) <= 128
 
 
 def _bwd_regs_ok(config, shape, device):
-    # dK and dV accumulators [BLOCK_N, D] plus the transposed score tile [BLOCK_N, BLOCK_M];
-    # calibrated like the forward: 32x64 tiles at D=128 with 4 warps (144) spill, with 8 (72) not.
+    # The dK/dV kernel holds its two [BLOCK_N, D] accumulators and streams [BLOCK_M, D] query and
+    # dO tiles; on sm_90 compiles the query tile decides (every BLOCK_M=64 config at D=128 spills,
+    # every 4-warp config spills; 32x128 on 8 warps is clean at 253 registers): both bounds fit all 9.
     if device.vendor == "cpu":
         return True
     d = _pow2(shape.get("D", 128))
-    return config["BLOCK_N"] * (2 * d + config["BLOCK_M"]) / _threads(config, device) <= 128
+    threads = _threads(config, device)
+    return config["BLOCK_M"] * d / threads <= 16 and 2 * config["BLOCK_N"] * d / threads <= 128
 
 
 def _tiles_fit(m_key, n_key):
@@ -120,7 +125,7 @@ BWD_SPACE = SearchSpace(
 
 def _paged_smem(config, shape, elem_bytes):
     d = _pow2(shape.get("D", 128))
-    return (16 * d + 2 * config["BLOCK_N"] * d * max(1, config["num_stages"])) * elem_bytes
+    return (16 * d + 2 * config["BLOCK_N"] * d * max(1, config["num_stages"])) * elem_bytes + 1024
 
 
 PAGED_SPACE = SearchSpace(

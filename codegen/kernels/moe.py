@@ -61,7 +61,8 @@ def _gate_up(shape) -> int:
 def _gemm_smem(config, shape, elem_bytes):
     tile = (config["BLOCK_M"] * config["BLOCK_K"]
             + _gate_up(shape) * config["BLOCK_K"] * config["BLOCK_N"]) * elem_bytes
-    return tile * max(1, config["num_stages"])  # Triton allocates num_stages buffers
+    # num_stages buffers + 1 KiB: exact on 18 sm_90 compiles (benchmarks/results/static_sm90_2026-12-03).
+    return tile * max(1, config["num_stages"]) + 1024
 
 
 def _rows_per_expert_ok(config, shape, device):
@@ -85,8 +86,11 @@ def _gemm_regs_ok(config, shape, device):
     # fp32 accumulators per thread (two for SwiGLU) must leave room for the operand fragments.
     if device.vendor == "cpu":
         return True
+    # On sm_90 every clean config also has an output tile of at most 16384 elements: the down
+    # GEMM's 128x256 on 8 warps (128 per thread) spills 824 B where gate/up 128x128 does not.
     threads = (32 if device.vendor == "nvidia" else 64) * config["num_warps"]
-    return _gate_up(shape) * config["BLOCK_M"] * config["BLOCK_N"] / threads <= 128
+    return (_gate_up(shape) * config["BLOCK_M"] * config["BLOCK_N"] / threads <= 128
+            and config["BLOCK_M"] * config["BLOCK_N"] <= 16384)
 
 
 GEMM_SPACE = SearchSpace(
@@ -102,7 +106,7 @@ GEMM_SPACE = SearchSpace(
 
 def _wgrad_smem(config, shape, elem_bytes):
     tile = config["BLOCK_M"] * (config["BLOCK_N"] + config["BLOCK_K"]) * elem_bytes
-    return tile * max(1, config["num_stages"])
+    return tile * max(1, config["num_stages"]) + 1024
 
 
 WGRAD_SPACE = SearchSpace(

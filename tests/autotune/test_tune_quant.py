@@ -35,7 +35,7 @@ def _records(db_url, **kw):
 
 def test_problem_keys_hold_what_changes_the_best_config():
     def key(m=16, bits=4, gs=128, sym=True, act="f16"):
-        return qg._quant_kernel(bits, gs, sym, False, act).problem(m, 4096, 4096)
+        return qg.quant_kernel(bits, gs, sym, False, act).problem(m, 4096, 4096)
 
     assert key() == {"M": 16, "N": 4096, "K": 4096, "bits": 4, "group_size": 128, "act_bits": 16,
                      "act_exp_bits": 5}
@@ -45,8 +45,8 @@ def test_problem_keys_hold_what_changes_the_best_config():
     assert len({str(key(act=a)) for a in ("f16", "bf16", "f32")}) == 3
     assert key(bits=3) != key()
     # The bias is epilogue-only: both variants of a format share its records; exact and TF32 fp32 do not.
-    assert qg._quant_kernel(4, 128, True, True, "f16").key_hash == qg._quant_kernel(4, 128, True, False, "f16").key_hash
-    assert qg._quant_kernel(4, 128, True, False, "f32").key_hash != qg._quant_kernel(4, 128, True, False, "tf32").key_hash
+    assert qg.quant_kernel(4, 128, True, True, "f16").key_hash == qg.quant_kernel(4, 128, True, False, "f16").key_hash
+    assert qg.quant_kernel(4, 128, True, False, "f32").key_hash != qg.quant_kernel(4, 128, True, False, "tf32").key_hash
     int8 = qg._scaled_kernel("int8_gemm", False, True, True, "f16")
     assert int8.key_hash == qg._scaled_kernel("int8_gemm", True, True, False, "f32").key_hash
     assert int8.problem(5, 64, 128) == {"M": 6, "N": 64, "K": 128, "out_bits": 16}
@@ -120,12 +120,9 @@ def test_offline_h100_prediction_compiles_for_sm90_without_spills(db_url, capsys
     found = ConfigResolver(db_url, device=h100).resolve("quant_gemm", task.source_hash, task.problem)
     assert (found.source, found.config) == ("predicted", record.config)
     # The static check of the very launch the runtime makes (answered from the compile cache).
-    from autotune.static_check import static_check
-
     spec = tuner.launch_spec(task, record.config)
     assert spec.constexprs["EVEN_K"] is True
-    verdict = static_check(spec.fn, spec.signature, spec.constexprs, record.config["num_warps"],
-                           record.config["num_stages"], h100)
+    (verdict,) = tuner.static_verdicts(task, [record.config], h100)
     assert verdict.ok and verdict.spill_bytes == 0 and verdict.shared_bytes <= h100.smem_per_block
 
 
@@ -134,7 +131,7 @@ def test_cost_model_charges_dequantization_and_credits_narrow_weights():
     base = {"SPLIT_K": 1, "GROUP_M": 8, "num_stages": 4}
 
     def times(m, **tile):
-        problem = {**qg._quant_kernel(4, 128, True, False, "f16").problem(m, 8192, 8192), "dtype": "f16"}
+        problem = {**qg.quant_kernel(4, 128, True, False, "f16").problem(m, 8192, 8192), "dtype": "f16"}
         cfg = {**base, **tile}
         return predict("quant_gemm", problem, cfg, h100), predict("gemm", problem, cfg, h100)
 

@@ -158,13 +158,8 @@ def test_offline_prediction_for_h100_compiles_for_sm90(op_file, db_url):
         (record,) = db.query(source="predicted") if "source" in TuningDB.query.__code__.co_varnames \
             else [x for x in db.query() if x.source == "predicted"]
     assert record.device_name == "h100"
-    from autotune.static_check import static_check
-
-    (task,) = tuner.build_tasks(_load(op_file), {"M": 4096, "N": 4096, "K": 4096}, device="cpu")
-    jit_fn, signature = tuner.launch_signature(task, record.config)
-    constexprs = {k: v for k, v in record.config.items() if k not in ("num_warps", "num_stages")}
-    verdict = static_check(jit_fn, signature, constexprs, record.config["num_warps"],
-                           record.config["num_stages"], get_device("h100"))
+    (task,) = tuner.build_tasks(_load(op_file), {"M": 4096, "N": 4096, "K": 4096}, device="meta")
+    (verdict,) = tuner.static_verdicts(task, [record.config], get_device("h100"))
     assert verdict.ok and verdict.spill_bytes == 0 and verdict.shared_bytes <= get_device("h100").smem_per_block
 
 
