@@ -192,3 +192,13 @@ def test_a_launch_that_fails_on_meta_tensors_is_one_clear_error():
     from triton.runtime.jit import KernelInterface
 
     assert isinstance(getattr(module, r.name), KernelInterface)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.float32, torch.int64])
+def test_tensor_arguments_keep_dtype_and_alignment_across_processes(dtype):
+    base = torch.empty(64, dtype=dtype, device="meta")
+    for offset in range(4):
+        arg = TensorArg.of(base[offset:])
+        revived = arg.to_meta()
+        assert revived.dtype == dtype and revived.is_meta
+        assert revived.data_ptr() % 16 == base[offset:].data_ptr() % 16 == arg.misalign
