@@ -43,8 +43,8 @@ class KernelTemplate:
     anchors: tuple[str, ...] = ()     # IR ops this template anchors in the partitioner
     # Shape-aware default config for a problem on a device; the space's static default otherwise.
     default: Callable[[Mapping, Any], dict] | None = None
-    # Names of the @triton.jit functions ``launch`` calls (all are statically checked); the
-    # rendered kernel's own name when None.
+    # Names of the @triton.jit functions ``launch`` may call (all are statically checked); every
+    # jit function of the rendered module when None.
     jit_functions: Callable[[Any], tuple[str, ...]] | None = None
     # The cost model's compute dtype is read from the task's inputs unless the problem says it.
     doc: str = ""
@@ -58,8 +58,8 @@ class KernelTemplate:
             return dict(self.default(problem, device))
         return dict(self.space.default)
 
-    def kernel_names(self, rendered) -> tuple[str, ...]:
-        return tuple(self.jit_functions(rendered)) if self.jit_functions else (rendered.name,)
+    def kernel_names(self, rendered) -> tuple[str, ...] | None:
+        return tuple(self.jit_functions(rendered)) if self.jit_functions else None
 
 
 _TEMPLATES: dict[str, KernelTemplate] = {}

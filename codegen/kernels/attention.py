@@ -412,12 +412,10 @@ FWD_TEMPLATE = register_template(KernelTemplate(
 BWD_TEMPLATE = register_template(KernelTemplate(
     name=BWD, sources=("attention_bwd.j2",), space=BWD_SPACE, render=render_attention_bwd, launch=invoke_bwd,
     problem=_attention_problem, work=bwd_work, token_dim="Sq", anchors=("attention_bwd", "attention_varlen_bwd"),
-    jit_functions=lambda r: (f"{r.name}_delta", f"{r.name}_dkdv", f"{r.name}_dq"),
 ))
 PAGED_TEMPLATE = register_template(KernelTemplate(
     name=PAGED, sources=("attention_paged.j2",), space=PAGED_SPACE, render=render_paged, launch=invoke_paged,
     problem=_paged_problem, work=paged_work, token_dim="B", anchors=("paged_attention",),
-    jit_functions=lambda r: (f"{r.name}_split", f"{r.name}_reduce"),
 ))
 ROTARY_TEMPLATE = register_template(KernelTemplate(
     name=ROTARY, sources=("attention_rotary.j2",), space=ROTARY_SPACE, render=render_rotary,

@@ -17,18 +17,15 @@ T = dsl.Tensor
 
 
 def _program_class():
-    # The program is moving from the runtime to codegen; accept either home.
-    try:
-        from codegen.program import TritonProgram
-    except ImportError:
-        from runtime.executor import TritonProgram
+    from codegen.program import TritonProgram
+
     return TritonProgram
 
 
 def _launcher(template):
-    from codegen import kernels as K
+    from codegen.template import get_template
 
-    return K.INVOKERS[template]
+    return get_template(template).launch
 
 
 def _meta(graph, ref, env):
