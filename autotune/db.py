@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from codegen.render import triton_version as current_triton_version
 from dsl.errors import DatabaseError, TuningError
 
 from .devices import Device
@@ -180,15 +181,6 @@ def device_descriptor(device: Device | Mapping[str, Any], driver: str | None = N
     if driver is not None:
         desc["driver"] = driver
     return desc
-
-
-def installed_triton_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("triton")
-    except metadata.PackageNotFoundError:  # pragma: no cover - triton is Linux-only
-        return "none"
 
 
 def current_kdsl_version() -> str:
@@ -605,7 +597,7 @@ class TuningDB:
                       device=device_descriptor(device), shape=check_shape(shape), config=clean_config,
                       time_ms=float(time_ms), samples=samples,
                       throughput=None if throughput is None else float(throughput), source=source,
-                      triton_version=triton_version or installed_triton_version(),
+                      triton_version=triton_version or current_triton_version(),
                       kdsl_version=kdsl_version or current_kdsl_version(), created_at=when)
 
     def _store(self, session: Session, record: Record) -> TuningRecordRow:
@@ -688,7 +680,7 @@ class TuningDB:
         Only ``token_dim`` may differ, by at most ``max_ratio``; an exact match is the nearest of all.
         """
         candidates = self.query(source_hash=source_hash, device=device, sources=sources,
-                                triton_version=triton_version or installed_triton_version())
+                                triton_version=triton_version or current_triton_version())
         found = nearest_shape(shape, ((r.shape, r) for r in candidates), token_dim, max_ratio)
         return None if found is None else found[1]
 
@@ -717,7 +709,7 @@ class TuningDB:
         stmt = self._filtered(stmt, template=template, device=device,
                               created_before=None if older_than is None else utcnow() - older_than)
         if stale:
-            stmt = stmt.where(TuningRecordRow.triton_version != (triton_version or installed_triton_version()))
+            stmt = stmt.where(TuningRecordRow.triton_version != (triton_version or current_triton_version()))
 
         def remove(session: Session) -> int:
             ids = list(session.scalars(stmt))

@@ -18,7 +18,9 @@ from typing import NamedTuple
 
 from dsl.errors import TuningError
 
-from .db import Record, TuningDB, installed_triton_version
+from codegen.render import triton_version as current_triton_version
+
+from .db import Record, TuningDB
 from .devices import Device, local_device
 from .shape_keys import DEFAULT_MAX_RATIO, check_shape, nearest_shape, shape_key
 from codegen.template import get_space
@@ -75,7 +77,7 @@ class ConfigResolver:
         self._db: TuningDB | None = db if isinstance(db, TuningDB) else None
         self._owns_db = False
         self.device = device or local_device()
-        self.triton_version = triton_version or installed_triton_version()
+        self.triton_version = triton_version or current_triton_version()
         self.shipped_dir = shipped_dir
         self.max_ratio = max_ratio
         self._cache: dict[tuple[str, str, str], Resolution] = {}

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from codegen.render import triton_version
+
 from .devices import Device
 
 CACHE_FILE = "static_check.sqlite"
@@ -75,12 +77,6 @@ def _kernel_identity(jit_fn) -> str:
     return hashlib.sha256(path.read_bytes() + b"\0" + name.encode()).hexdigest()
 
 
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
-
-
 def _full_signature(jit_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any]) -> dict:
     """Triton wants every argument in the signature; constexpr ones may be left to us."""
     sig = dict(signature)
@@ -102,7 +98,7 @@ def _full_signature(jit_fn, signature: Mapping[str, str], constexprs: Mapping[st
 def _cache_key(jit_fn, signature, constexprs, options, cc) -> str:
     blob = json.dumps([FACTS_VERSION, _kernel_identity(jit_fn), signature,
                        sorted((str(k), repr(v)) for k, v in constexprs.items()),
-                       sorted((k, repr(v)) for k, v in options.items()), cc, _triton_version()])
+                       sorted((k, repr(v)) for k, v in options.items()), cc, triton_version()])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -386,7 +382,7 @@ def _launch_key(spec, cc: int) -> str:
     from .launch_spec import specialise
 
     blob = json.dumps([FACTS_VERSION, "launch", _kernel_identity(spec.fn), specialise(spec, cc).key(), cc,
-                       _triton_version()])
+                       triton_version()])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -11,23 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_shape(text: str | None) -> dict[str, int]:
-    """``M=128,N=256,K=64`` -> {"M": 128, ...}."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise KdslError(f"--shape expects NAME=INT pairs separated by commas, got '{part}'")
-        try:
-            n = int(value)
-        except ValueError:
-            raise KdslError(f"--shape: {key} must be an integer, got '{value}'") from None
-        if n < 0:
-            raise KdslError(f"--shape: {key} must be >= 0, got {n}")
-        out[key] = n
-    return out
+    """``M=128,N=256,K=64`` -> {"M": 128, ...} (the one parser: autotune.shape_keys.parse_shape_arg)."""
+    from autotune.shape_keys import parse_shape_arg
+
+    return parse_shape_arg(text) if text else {}
 
 
 def parse_dtype(name: str):
