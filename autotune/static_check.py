@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from codegen.render import triton_version
-
 from .devices import Device
 
 CACHE_FILE = "static_check.sqlite"
@@ -95,10 +93,18 @@ def _full_signature(jit_fn, signature: Mapping[str, str], constexprs: Mapping[st
     return {a: sig[a] for a in arg_names}
 
 
+def _triton_version() -> str:
+    # Imported here, not at module level: the compile worker (python -m autotune.static_check) must
+    # not import codegen, whose import switches Triton to its interpreter on a machine without a GPU.
+    from codegen.render import triton_version
+
+    return triton_version()
+
+
 def _cache_key(jit_fn, signature, constexprs, options, cc) -> str:
     blob = json.dumps([FACTS_VERSION, _kernel_identity(jit_fn), signature,
                        sorted((str(k), repr(v)) for k, v in constexprs.items()),
-                       sorted((k, repr(v)) for k, v in options.items()), cc, triton_version()])
+                       sorted((k, repr(v)) for k, v in options.items()), cc, _triton_version()])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -382,7 +388,7 @@ def _launch_key(spec, cc: int) -> str:
     from .launch_spec import specialise
 
     blob = json.dumps([FACTS_VERSION, "launch", _kernel_identity(spec.fn), specialise(spec, cc).key(), cc,
-                       triton_version()])
+                       _triton_version()])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
