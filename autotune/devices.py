@@ -6,6 +6,7 @@ Numbers are vendor datasheet values (dense, no sparsity). ``peak_flops`` is per 
 from __future__ import annotations
 
 import dataclasses
+import re
 import functools
 import hashlib
 import json
@@ -106,7 +107,9 @@ def match_nvidia(name: str, cc: int, sm_count: int, memory_bytes: int) -> Device
     same_chip = [d for d in DEVICES.values()
                  if d.vendor == "nvidia" and d.compute_capability == cc and d.sm_count == sm_count]
     if same_chip:
-        named = [d for d in same_chip if d.name in name.lower().replace(" ", "")]
+        # Whole words only: a board called "GH100 ..." is not named H100; its memory decides.
+        words = set(re.findall(r"[a-z0-9]+", name.lower()))
+        named = [d for d in same_chip if d.name in words]
         dev = named[0] if named else min(same_chip, key=lambda d: abs(d.memory_bytes - memory_bytes))
         return dataclasses.replace(dev, full_name=name, memory_bytes=memory_bytes)
     # An unlisted GPU: keep what the driver tells us, borrow rates from the closest architecture.

@@ -29,8 +29,12 @@ def check_shape(shape: Mapping[str, int], where: str = "shape") -> dict[str, int
     for name, size in shape.items():
         if not isinstance(name, str) or not DIM_NAME.fullmatch(name):
             raise TuningError(f"{where}: dimension name {name!r} is not an identifier")
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DIM:
-            raise TuningError(f"{where}: {name}={size!r} must be an int in [1, {MAX_DIM}]")
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TuningError(f"{where}: {name}={size!r}: sizes must be integers")
+        if size < 1:
+            raise TuningError(f"{where}: {name}={size}: sizes must be >= 1")
+        if size > MAX_DIM:
+            raise TuningError(f"{where}: {name}={size}: sizes must be <= 2**{MAX_DIM.bit_length() - 1}")
         out[name] = size
     return out
 

@@ -14,6 +14,7 @@ from autotune.devices import Device, cpu_device, local_device
 from autotune.lookup import DIRECT, KernelChoice, template_tune_command
 from codegen.kernels import quant_gemm as K
 from codegen.kernels import quant_moe as QM
+from codegen.kernels.moe import token_bucket
 from codegen.render import source_hash
 from dsl import quantize as Q_REF
 from dsl.errors import CodegenError, DSLError
@@ -24,10 +25,17 @@ from dsl.quantize import fp8_matmul_reference, int8_matmul_reference, quant_matm
 def quant_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None, *,
                  backend: str = "auto") -> torch.Tensor:
     """``x @ dequantize(qweight).T + bias``; "auto" runs the fused kernel for CUDA tensors and the
-    reference (dequantize, then matmul) on CPU, "triton" forces the kernel (interpreter on CPU)."""
+    reference (dequantize, then matmul) on CPU, "triton" forces the kernel (interpreter on CPU),
+    "torch" the reference."""
+    _check_backend(backend, "quant_linear")
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         return quant_matmul(x, qweight, bias)
     return Q_REF.quant_matmul_reference(x, qweight, bias)
+
+
+def _check_backend(backend: str, where: str) -> None:
+    if backend not in ("auto", "triton", "torch"):
+        raise DSLError(f"{where}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def _choice(kernel: K.KernelVariant, m: int, n: int, k: int, device: torch.device, config) -> KernelChoice:
@@ -156,12 +164,18 @@ def explain_fp8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float3
     return _explain_scaled("fp8_gemm", Q_REF.FP8_DTYPE, a, a_scale, b, b_scale, bias, out_dtype, config,
                            "explain_fp8_matmul")
 
-def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias=None, config=None):
-    """W8A8 linear: quantize x per token on the fly, then :func:`int8_matmul`. x [..., K] -> [..., N]."""
-    from runtime.quantize import quantize_int8_per_token  # runtime sits above codegen
-
-    xq, xs = quantize_int8_per_token(x.reshape(-1, x.shape[-1]))
-    y = int8_matmul(xq, xs, wq, w_scale, bias, out_dtype=x.dtype, config=config)
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias=None, config=None, *,
+                backend: str = "auto", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W8A8 linear: quantize x per token on the fly, then the int8 GEMM. x [..., K] -> [..., N] in
+    ``out_dtype`` (x's dtype by default). "auto" runs the kernel for CUDA tensors and the reference
+    (the same quantization, matmul in fp32) on CPU; "triton" forces the kernel (interpreter on CPU)."""
+    _check_backend(backend, "int8_linear")
+    xq, xs = Q_REF.quantize_int8_per_token(x.reshape(-1, x.shape[-1]))
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        y = int8_matmul(xq, xs, wq, w_scale, bias, out_dtype=out_dtype, config=config)
+    else:
+        y = Q_REF.int8_matmul_reference(xq, xs, wq, w_scale, bias, out_dtype=out_dtype)
     return y.reshape(*x.shape[:-1], wq.shape[0])
 
 

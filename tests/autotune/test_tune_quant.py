@@ -13,6 +13,7 @@ from autotune.db import TuningDB, optuna_storage
 from autotune.devices import get_device, local_device
 from autotune.lookup import ConfigResolver, DefaultConfigWarning
 from codegen.kernels import quant_gemm as qg
+from runtime.ops import quant as ops
 from runtime.cli import main
 from dsl.quantize import quantize_fp8, quantize_int8_per_channel, quantize_int8_per_token, quantize_rtn
 
@@ -23,9 +24,9 @@ needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not qg.inte
 @pytest.fixture
 def fresh_configs(db_url):
     """Configs chosen in earlier tests came from another database: start and end with none."""
-    qg.invalidate_configs()
+    ops.invalidate_configs()
     yield db_url
-    qg.invalidate_configs()
+    ops.invalidate_configs()
 
 
 def _records(db_url, **kw):
@@ -47,8 +48,8 @@ def test_problem_keys_hold_what_changes_the_best_config():
     # The bias is epilogue-only: both variants of a format share its records; exact and TF32 fp32 do not.
     assert qg.quant_kernel(4, 128, True, True, "f16").key_hash == qg.quant_kernel(4, 128, True, False, "f16").key_hash
     assert qg.quant_kernel(4, 128, True, False, "f32").key_hash != qg.quant_kernel(4, 128, True, False, "tf32").key_hash
-    int8 = qg._scaled_kernel("int8_gemm", False, True, True, "f16")
-    assert int8.key_hash == qg._scaled_kernel("int8_gemm", True, True, False, "f32").key_hash
+    int8 = qg.scaled_kernel("int8_gemm", False, True, True, "f16")
+    assert int8.key_hash == qg.scaled_kernel("int8_gemm", True, True, False, "f32").key_hash
     assert int8.problem(5, 64, 128) == {"M": 6, "N": 64, "K": 128, "out_bits": 16}
 
 
@@ -67,20 +68,20 @@ def test_tune_quant_gemm_then_quant_matmul_uses_the_record(fresh_configs, capsys
     calls = []
     original = ConfigResolver.resolve
     monkeypatch.setattr(ConfigResolver, "resolve", lambda self, *a, **kw: calls.append(a) or original(self, *a, **kw))
-    choice = qg.explain_quant_matmul(x, q)
+    choice = ops.explain_quant_matmul(x, q)
     assert (choice.source, choice.config) == ("measured", record.config)
-    out = qg.quant_matmul(x, q)
-    torch.testing.assert_close(out, qg.quant_matmul_reference(x, q), rtol=2e-2, atol=2e-2)
+    out = ops.quant_matmul(x, q)
+    torch.testing.assert_close(out, ops.quant_matmul_reference(x, q), rtol=2e-2, atol=2e-2)
     assert len(calls) == 1  # later calls at this shape are answered from memory
     # The bias variant shares the format's record; 12 tokens borrow the 16-token record (within 2x).
-    assert qg.explain_quant_matmul(x, q, torch.randn(64).half()).source == "measured"
-    assert qg.explain_quant_matmul(x[:12], q).source == "nearest"
+    assert ops.explain_quant_matmul(x, q, torch.randn(64).half()).source == "measured"
+    assert ops.explain_quant_matmul(x[:12], q).source == "nearest"
     # Another format was never tuned: the shape-aware default, one warning naming the command to run.
     q_asym = quantize_rtn(torch.randn(64, 128), 4, 32, sym=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice = qg.explain_quant_matmul(x, q_asym)
-        qg.quant_matmul(x, q_asym)
+        choice = ops.explain_quant_matmul(x, q_asym)
+        ops.quant_matmul(x, q_asym)
     assert choice.source == "default"
     assert choice.config == qg.default_config("quant_gemm", choice.problem, local_device())
     (warning,) = [w for w in caught if issubclass(w.category, DefaultConfigWarning)]
@@ -99,10 +100,10 @@ def test_scaled_templates_tune_and_their_matmuls_use_the_record(fresh_configs, t
     x, w = torch.randn(8, 64), torch.randn(32, 64)
     if template == "int8_gemm":
         (a, sa), (b, sb) = quantize_int8_per_token(x), quantize_int8_per_channel(w)
-        explain = qg.explain_int8_matmul
+        explain = ops.explain_int8_matmul
     else:  # per-tensor weight scales: the same format, the same record
         (a, sa), (b, sb) = quantize_fp8(x, "row"), quantize_fp8(w, "tensor")
-        explain = qg.explain_fp8_matmul
+        explain = ops.explain_fp8_matmul
     choice = explain(a, sa, b, sb)
     assert (choice.source, choice.config) == ("measured", result.best_config)
     with pytest.warns(DefaultConfigWarning, match=f"kdsl tune {template} --shape M=8,N=32,K=64 --dtype f16"):
